@@ -1,0 +1,42 @@
+"""FedAvg: Federated Averaging.
+
+McMahan, Moore, Ramage, Hampson, Agüera y Arcas. "Communication-Efficient Learning of Deep
+Networks from Decentralized Data." AISTATS 2017.
+
+Each sampled client runs local SGD from the global parameters; the server replaces them by the
+example-weighted mean of the clients' results, `w <- w + server_lr * sum_k n_k (w_k - w) / sum n_k`
+(server_lr = 1 is the paper's algorithm).
+
+Example::
+
+    alg = fedavg(loss_fn, roles, client_lr=0.1)
+    state = alg.init(params, rng)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optax
+
+from fedjax_fm.algorithm import Algorithm, ClientExecution, LossFn
+from fedjax_fm.local_update_round import local_update_algorithm
+
+
+def fedavg(loss_fn: LossFn, roles: Any, *, client_lr: float = 0.1, server_lr: float = 1.0,
+           client_momentum: float | None = None, weighted: bool = True,
+           execution: ClientExecution | None = None) -> Algorithm:
+  """FedAvg with SGD on the clients and `sgd(server_lr)` on the server.
+
+  Args:
+    loss_fn: (params, batch, rng) -> (per-example loss, per-example metrics).
+    roles: role pytree; `shared` leaves are averaged, `personal` leaves stay on clients.
+    client_lr: local SGD step size.
+    server_lr: server step size on the mean delta (1.0 = plain averaging).
+    client_momentum: optional local SGD momentum.
+    weighted: weight clients by example count (the paper) or equally.
+    execution: how clients run in the program; see `ClientExecution`.
+  """
+  return local_update_algorithm(
+      loss_fn, roles, optax.sgd(client_lr, momentum=client_momentum), optax.sgd(server_lr),
+      weighted=weighted, execution=execution)

@@ -1,0 +1,30 @@
+"""FedProx: FedAvg with a proximal term on the local objective.
+
+Li, Sahu, Zaheer, Sanjabi, Talwalkar, Smith. "Federated Optimization in Heterogeneous
+Networks." MLSys 2020.
+
+Local objective: h_k(w) = F_k(w) + mu/2 ||w - w_t||^2 over the shared parameters, with w_t the
+global parameters received this round. mu = 0 is FedAvg. The paper's variable amount of local
+work (gamma-inexact solutions) is expressed here by masked local steps: clients with fewer
+examples take fewer real steps.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optax
+
+from fedjax_fm.algorithm import Algorithm, ClientExecution, LossFn
+from fedjax_fm.local_update_round import local_update_algorithm
+
+
+def fedprox(loss_fn: LossFn, roles: Any, *, mu: float = 0.01, client_lr: float = 0.1,
+            server_lr: float = 1.0, weighted: bool = True,
+            execution: ClientExecution | None = None) -> Algorithm:
+  """FedProx with proximal coefficient `mu` (the paper tunes mu in {0.001, 0.01, 0.1, 1})."""
+  if mu < 0:
+    raise ValueError(f"FedProx mu must be >= 0, got {mu}")
+  return local_update_algorithm(
+      loss_fn, roles, optax.sgd(client_lr), optax.sgd(server_lr), proximal_mu=mu,
+      weighted=weighted, execution=execution)

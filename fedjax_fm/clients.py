@@ -1,0 +1,109 @@
+"""Client-axis verbs: the few operations every algorithm needs on client-stacked pytrees.
+
+A client-stacked pytree has a leading axis of clients on every leaf. These verbs run inside the
+jitted round:
+
+- `broadcast(tree, k)`: give every one of k clients the same tree (no copy until XLA needs one);
+- `map_clients(fn, ...)`: run one client's function over the client axis, by a strategy;
+- `gather_rows` / `scatter_rows`: the sampled clients' rows of the stacked personal state;
+- `weighted_sum`: reduce the client axis with per-client weights.
+
+How the clients of a round execute is a choice with identical results (`EXECUTION_STRATEGIES`):
+
+- ``"vmap"``: one `jax.vmap` over all clients. The accelerator path: one batched kernel per op.
+- ``"chunked"``: `vmap` over chunks of `chunk_size` clients, the chunks unrolled at trace time.
+  Bounds peak memory on an accelerator, and on XLA:CPU keeps batched matmuls while avoiding
+  the slow grouped convolutions that `vmap` over per-client kernels lowers to.
+- ``"unrolled"``: every client traced separately into the same program. On XLA:CPU this is
+  often the fastest for convolutional models; the program grows with the cohort.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+PyTree = Any
+EXECUTION_STRATEGIES = ("vmap", "chunked", "unrolled")
+
+
+def broadcast(tree: PyTree, k: int) -> PyTree:
+  """Stacks `k` copies of `tree` on a new leading client axis."""
+  return jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (k,) + jnp.shape(x)), tree)
+
+
+def _index(tree: PyTree, i) -> PyTree:
+  return jax.tree_util.tree_map(lambda x: x[i], tree)
+
+
+def _concat(trees: list[PyTree]) -> PyTree:
+  return jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs, axis=0), *trees)
+
+
+def _stack(trees: list[PyTree]) -> PyTree:
+  return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs, axis=0), *trees)
+
+
+def map_clients(fn: Callable[..., PyTree], strategy: str = "vmap", chunk_size: int = 8,
+                in_axes: Any = 0) -> Callable[..., PyTree]:
+  """Maps a one-client function over the leading client axis of its arguments.
+
+  Args:
+    fn: a function of one client's arguments returning a pytree.
+    strategy: one of `EXECUTION_STRATEGIES`; all give the same result up to float rounding.
+    chunk_size: clients per `vmap` chunk for ``"chunked"``; the last chunk may be smaller.
+    in_axes: as in `jax.vmap`: 0 for client-stacked arguments, None for arguments shared by all.
+
+  Returns:
+    A function of client-stacked arguments returning a client-stacked result.
+  """
+  if strategy not in EXECUTION_STRATEGIES:
+    raise ValueError(f"unknown client execution strategy {strategy!r}; use one of "
+                     f"{EXECUTION_STRATEGIES}")
+  if strategy == "vmap":
+    return jax.vmap(fn, in_axes=in_axes)
+  if chunk_size < 1:
+    raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+
+  def mapped(*args):
+    axes = in_axes if isinstance(in_axes, (tuple, list)) else (in_axes,) * len(args)
+    k = next(jax.tree_util.tree_leaves(a)[0].shape[0] for a, ax in zip(args, axes)
+             if ax is not None and jax.tree_util.tree_leaves(a))
+
+    def part(sl):
+      return [a if ax is None else _index(a, sl) for a, ax in zip(args, axes)]
+
+    if strategy == "unrolled":
+      return _stack([fn(*part(i)) for i in range(k)])
+    chunk_fn = jax.vmap(fn, in_axes=tuple(axes))
+    return _concat([chunk_fn(*part(slice(s, min(s + chunk_size, k))))
+                    for s in range(0, k, chunk_size)])
+
+  return mapped
+
+
+def gather_rows(stacked: PyTree, ids: jax.Array) -> PyTree:
+  """The rows `ids` of a client-stacked pytree (all N clients -> the K sampled ones)."""
+  return jax.tree_util.tree_map(lambda x: jnp.take(x, ids, axis=0), stacked)
+
+
+def scatter_rows(stacked: PyTree, ids: jax.Array, rows: PyTree,
+                 keep: jax.Array | None = None) -> PyTree:
+  """Writes `rows` back at `ids`; where `keep[k]` is False the old row stays.
+
+  `keep` lets a round leave out a client whose update went bad (non-finite) without
+  touching its personal state.
+  """
+  if keep is not None:
+    old = gather_rows(stacked, ids)
+    rows = jax.tree_util.tree_map(
+        lambda new, o: jnp.where(keep.reshape((-1,) + (1,) * (new.ndim - 1)), new, o), rows, old)
+  return jax.tree_util.tree_map(lambda x, r: x.at[ids].set(r.astype(x.dtype)), stacked, rows)
+
+
+def weighted_sum(stacked: PyTree, weights: jax.Array) -> PyTree:
+  """Sum over the client axis with per-client weights: sum_k w_k x_k."""
+  return jax.tree_util.tree_map(
+      lambda x: jnp.tensordot(weights.astype(x.dtype), x, axes=(0, 0)), stacked)

@@ -1,0 +1,143 @@
+"""The round shared by the local-update family (FedAvg, FedProx, FedOpt, FedPer, Local).
+
+One round, all inside one jitted program:
+
+1. gather the K sampled clients' personal rows; broadcast the shared parameters;
+2. map the local training over clients (`ClientExecution`): shared + personal leaves are trained,
+   frozen leaves are a closed-over constant (one copy, never stacked per client);
+3. drop clients whose update is non-finite (counted in the metrics);
+4. aggregate the shared deltas (weighted mean by default) and apply the server optimizer to the
+   pseudo-gradient -mean(delta) (Reddi et al. 2021);
+5. scatter the personal rows back.
+
+Algorithms are thin factories over `local_update_algorithm` (see `fedjax_fm.algorithms`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedjax_fm import aggregate, clients, local, roles as roles_lib
+from fedjax_fm.algorithm import (Algorithm, ClientExecution, LossFn, ServerState,
+                                  default_execution)
+from fedjax_fm.cohort import Cohort
+from fedjax_fm.roles import FROZEN, PERSONAL, SHARED
+
+PyTree = Any
+# aggregator(stacked deltas [K, ...], weights [K], rng) -> aggregated delta.
+Aggregator = Callable[[PyTree, jax.Array, jax.Array], PyTree]
+
+
+def mean_aggregator(stacked: PyTree, weights: jax.Array, rng: jax.Array) -> PyTree:
+  del rng
+  return aggregate.weighted_mean(stacked, weights)
+
+
+def _sq_norm(tree: PyTree) -> jax.Array:
+  return sum(jnp.sum(jnp.square(x)) for x in jax.tree_util.tree_leaves(tree))
+
+
+def local_update_algorithm(
+    loss_fn: LossFn,
+    roles: PyTree,
+    client_optimizer: optax.GradientTransformation,
+    server_optimizer: optax.GradientTransformation = optax.sgd(1.0),
+    *,
+    proximal_mu: float = 0.0,
+    aggregator: Aggregator = mean_aggregator,
+    weighted: bool = True,
+    execution: ClientExecution | None = None,
+) -> Algorithm:
+  """Builds a local-update algorithm: local training, then aggregation of the shared leaves.
+
+  Args:
+    loss_fn: (params, batch, rng) -> (per-example loss, per-example metrics).
+    roles: role pytree (`fedjax_fm.roles`) with the structure of the parameters.
+    client_optimizer: optax optimizer for local steps; its state is fresh each round.
+    server_optimizer: optax optimizer fed the pseudo-gradient; `sgd(1.0)` is plain averaging.
+    proximal_mu: FedProx's mu: adds mu/2 * ||w_shared - w_global||^2 to the local loss.
+    aggregator: reduces the stacked shared deltas; the weighted mean by default.
+    weighted: weight clients by their example counts (True) or equally (False).
+    execution: how clients execute in the program and on which mesh; `default_execution()`
+      if None.
+
+  Returns:
+    An `Algorithm`.
+  """
+  execution = execution or default_execution()
+
+  def init(params: PyTree, rng: jax.Array) -> ServerState:
+    del rng
+    server_params = roles_lib.select(params, roles, SHARED, FROZEN)
+    shared = roles_lib.select(params, roles, SHARED)
+    return ServerState(round=jnp.zeros((), jnp.int32), params=server_params,
+                       opt_state=server_optimizer.init(shared))
+
+  def init_clients(params: PyTree, num_clients: int) -> PyTree:
+    personal = roles_lib.select(params, roles, PERSONAL)
+    return jax.tree_util.tree_map(lambda x: jnp.array(clients.broadcast(x, num_clients)),
+                                  personal)
+
+  def bytes_per_client(params: PyTree) -> tuple[int, int]:
+    n = roles_lib.tree_bytes(roles_lib.select(params, roles, SHARED))
+    return n, n
+
+  def round_fn(server: ServerState, client_states: PyTree, cohort: Cohort, rng: jax.Array):
+    shared = roles_lib.select(server.params, roles, SHARED)
+    frozen = roles_lib.select(server.params, roles, FROZEN)
+    k = cohort.num_clients
+    ids = cohort.client_ids
+    personal = execution.constrain(clients.gather_rows(client_states, ids))
+    local_rng, agg_rng = jax.random.split(rng)
+    keys = jax.random.split(local_rng, k)
+
+    def objective(trainable, batch, mask, key):
+      params = roles_lib.merge(trainable, frozen)
+      loss, sums = local.masked_loss(loss_fn, params, batch, mask, key)
+      if proximal_mu:
+        drift = jax.tree_util.tree_map(jnp.subtract, roles_lib.select(trainable, roles, SHARED),
+                                       shared)
+        loss = loss + 0.5 * proximal_mu * _sq_norm(drift)
+      return loss, sums
+
+    def one_client(personal_k, data_k, mask_k, key_k):
+      trainable = roles_lib.merge(shared, personal_k)
+      trained, sums = local.train_steps(objective, client_optimizer, trainable, data_k, mask_k,
+                                        key_k, execution.scan_unroll)
+      delta = jax.tree_util.tree_map(jnp.subtract, roles_lib.select(trained, roles, SHARED),
+                                     shared)
+      return delta, roles_lib.select(trained, roles, PERSONAL), sums
+
+    deltas, new_personal, sums = execution.map(one_client)(
+        personal, cohort.data, cohort.mask, keys)
+    deltas, new_personal = execution.constrain((deltas, new_personal))
+
+    ok = aggregate.finite_clients((deltas, new_personal, sums["loss_sum"]))
+    weights = cohort.weights if weighted else jnp.ones_like(cohort.weights)
+    weights = jnp.where(ok, weights, 0.0)
+    deltas = aggregate.zero_where_bad(deltas, ok)
+    mean_delta = aggregator(deltas, weights, agg_rng)
+    new_shared, new_opt_state = aggregate.server_update(server_optimizer, shared,
+                                                        server.opt_state, mean_delta)
+    # With no healthy client the server state must not move (not even optimizer moments).
+    any_ok = jnp.any(ok)
+    keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(any_ok, a, b), new, old)
+    new_shared, new_opt_state = keep((new_shared, new_opt_state), (shared, server.opt_state))
+
+    client_states = clients.scatter_rows(client_states, ids, new_personal, keep=ok)
+    sums = jax.tree_util.tree_map(lambda s: jnp.sum(jnp.where(ok, s, 0.0)), sums)
+    count = jnp.maximum(sums.pop("count"), 1.0)
+    metrics = {name[:-len("_sum")]: s / count for name, s in sums.items()}
+    metrics["num_nonfinite_clients"] = k - jnp.sum(ok)
+    metrics["examples"] = count
+    server = server.replace(round=server.round + 1,
+                            params=roles_lib.merge(new_shared, frozen),
+                            opt_state=new_opt_state)
+    return server, client_states, metrics
+
+  return Algorithm(init=init, init_clients=init_clients, round=round_fn,
+                   bytes_per_client=bytes_per_client)
