@@ -5,8 +5,10 @@ Optimization." ICLR 2021 (FedAdam, FedYogi, FedAdagrad); Hsu, Qi, Brown. "Measur
 of Non-Identical Data Distribution for Federated Visual Classification." 2019 (FedAvgM).
 
 The server treats Delta_t = -sum_k n_k (w_k - w_t) / sum n_k as a gradient and feeds it to an
-optax optimizer. The paper's adaptivity eps (tau) defaults to 1e-3, and its Adam/Yogi do not use
-bias correction; optax's adam does, which is kept as the default and made switchable here.
+optax optimizer. The paper's adaptivity eps (tau) defaults to 1e-3. The paper's Adam and Yogi
+use no bias correction; optax's `adam` and `yogi` do (and optax's yogi starts both moments at
+1e-6), so the first server steps differ slightly from the paper's pseudo-code; with many rounds
+the difference vanishes.
 """
 
 from __future__ import annotations

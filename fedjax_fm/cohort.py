@@ -120,6 +120,9 @@ def make_cohort(fed: FederatedData, client_ids: np.ndarray, *, steps: int, batch
     rng = np.random.default_rng([seed, round_num, int(c), 0xDA7A])
     passes = -(-slots // n) if epochs is None else epochs
     order = np.concatenate([rng.permutation(n) for _ in range(passes)])[:slots]
+    # Padding repeats the client's own first example: masked out of the loss, but it must not
+    # be another client's data (a NaN there would reach this client's gradients as 0 * NaN).
+    index[row] = lo
     index[row, :len(order)] = lo + order
     mask[row, :len(order)] = 1.0
   shape = (k, steps, batch_size)

@@ -28,11 +28,18 @@ def masked_loss(loss_fn: LossFn, params: PyTree, batch: Mapping[str, jax.Array],
     (loss, sums) where loss = sum(mask * l) / max(sum(mask), 1) and sums holds
     ``loss_sum``, ``count`` and ``<name>_sum`` for each per-example metric of `loss_fn`.
   """
+  live = mask > 0
+  # Padded slots are zeroed before the loss sees them: masking the loss alone is not enough,
+  # since the backward pass would still form 0 * d(loss)/d(input) = NaN at a non-finite input.
+  batch = jax.tree_util.tree_map(
+      lambda a: jnp.where(live.reshape(live.shape + (1,) * (a.ndim - live.ndim)), a,
+                          jnp.zeros_like(a)), batch)
   per_example, metrics = loss_fn(params, batch, rng)
+  masked_sum = lambda v: jnp.sum(jnp.where(live, v * mask, 0.0))  # where: padding may be inf
   count = jnp.sum(mask)
-  loss_sum = jnp.sum(per_example * mask)
+  loss_sum = masked_sum(per_example)
   sums = {"loss_sum": loss_sum, "count": count}
-  sums.update({f"{k}_sum": jnp.sum(v * mask) for k, v in metrics.items()})
+  sums.update({f"{k}_sum": masked_sum(v) for k, v in metrics.items()})
   return loss_sum / jnp.maximum(count, 1.0), sums
 
 

@@ -130,10 +130,10 @@ def local_update_algorithm(
 
     client_states = clients.scatter_rows(client_states, ids, new_personal, keep=ok)
     sums = jax.tree_util.tree_map(lambda s: jnp.sum(jnp.where(ok, s, 0.0)), sums)
-    count = jnp.maximum(sums.pop("count"), 1.0)
-    metrics = {name[:-len("_sum")]: s / count for name, s in sums.items()}
+    examples = sums.pop("count")
+    metrics = {name[:-len("_sum")]: s / jnp.maximum(examples, 1.0) for name, s in sums.items()}
     metrics["num_nonfinite_clients"] = k - jnp.sum(ok)
-    metrics["examples"] = count
+    metrics["examples"] = examples
     server = server.replace(round=server.round + 1,
                             params=roles_lib.merge(new_shared, frozen),
                             opt_state=new_opt_state)
