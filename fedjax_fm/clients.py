@@ -85,8 +85,12 @@ def map_clients(fn: Callable[..., PyTree], strategy: str = "vmap", chunk_size: i
 
 
 def gather_rows(stacked: PyTree, ids: jax.Array) -> PyTree:
-  """The rows `ids` of a client-stacked pytree (all N clients -> the K sampled ones)."""
-  return jax.tree_util.tree_map(lambda x: jnp.take(x, ids, axis=0), stacked)
+  """The rows `ids` of a client-stacked pytree (all N clients -> the K sampled ones).
+
+  An out-of-range id (`cohort.PADDING_ID`, a cohort's padding slot) reads the last row; its
+  write-back is dropped by `scatter_rows`.
+  """
+  return jax.tree_util.tree_map(lambda x: jnp.take(x, ids, axis=0, mode="clip"), stacked)
 
 
 def scatter_rows(stacked: PyTree, ids: jax.Array, rows: PyTree,
@@ -100,7 +104,8 @@ def scatter_rows(stacked: PyTree, ids: jax.Array, rows: PyTree,
     old = gather_rows(stacked, ids)
     rows = jax.tree_util.tree_map(
         lambda new, o: jnp.where(keep.reshape((-1,) + (1,) * (new.ndim - 1)), new, o), rows, old)
-  return jax.tree_util.tree_map(lambda x, r: x.at[ids].set(r.astype(x.dtype)), stacked, rows)
+  return jax.tree_util.tree_map(lambda x, r: x.at[ids].set(r.astype(x.dtype), mode="drop"),
+                                stacked, rows)
 
 
 def weighted_sum(stacked: PyTree, weights: jax.Array) -> PyTree:

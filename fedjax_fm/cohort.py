@@ -24,6 +24,10 @@ from flax import struct
 import jax
 
 
+# Client id of a padding slot: out of range of any client state, so its row is never written.
+PADDING_ID = np.iinfo(np.int32).max
+
+
 @struct.dataclass
 class Cohort:
   """One round's client data: leaves `[K, steps, batch, ...]` plus mask, weights and ids."""
@@ -130,3 +134,18 @@ def make_cohort(fed: FederatedData, client_ids: np.ndarray, *, steps: int, batch
   return Cohort(data=data, mask=mask.reshape(shape),
                 weights=fed.sizes[client_ids].astype(np.float32),
                 client_ids=np.asarray(client_ids, np.int32))
+
+
+def pad_cohort(cohort: Cohort, multiple: int) -> Cohort:
+  """Pads a cohort with empty clients up to a multiple of `multiple` (the mesh's ``clients``
+  devices): all examples masked, weight 0, id `PADDING_ID`. They train on nothing, weigh
+  nothing in the aggregate and write back nothing, so results equal the unpadded cohort's."""
+  k = cohort.num_clients
+  extra = -k % multiple
+  if not extra:
+    return cohort
+  pad = lambda a: np.concatenate([np.asarray(a), np.zeros((extra,) + a.shape[1:], a.dtype)])
+  return Cohort(data={key: pad(v) for key, v in cohort.data.items()}, mask=pad(cohort.mask),
+                weights=pad(cohort.weights),
+                client_ids=np.concatenate([np.asarray(cohort.client_ids),
+                                           np.full(extra, PADDING_ID, np.int32)]))

@@ -15,7 +15,7 @@ from jax.sharding import Mesh
 
 from fedjax_fm import sharding
 from fedjax_fm.algorithm import Algorithm, ServerState
-from fedjax_fm.cohort import Cohort
+from fedjax_fm.cohort import Cohort, pad_cohort
 
 PyTree = Any
 
@@ -58,7 +58,7 @@ class RoundRunner:
     still holds (the initial parameters, say).
     """
     n = jax.tree_util.tree_leaves(clients)
-    if n:
+    if n:  # alg.init_clients(params, padded_rows(num_clients, mesh)) makes this hold
       sharding.check_divisible(n[0].shape[0], self.mesh, "the number of client-state rows")
     server = jax.device_put(server, sharding.replicated(self.mesh), may_alias=False)
     clients = jax.device_put(clients, sharding.client_shardings(clients, self.mesh),
@@ -66,7 +66,8 @@ class RoundRunner:
     return server, clients
 
   def place_cohort(self, cohort: Cohort) -> Cohort:
-    sharding.check_divisible(cohort.num_clients, self.mesh, "cohort_size")
+    """Shards a cohort over ``clients``, padded with empty clients to split evenly."""
+    cohort = pad_cohort(cohort, sharding.client_axis_size(self.mesh))
     return jax.device_put(cohort, sharding.client_sharding(self.mesh))
 
   def __call__(self, server: ServerState, clients: PyTree, cohort: Cohort,

@@ -62,3 +62,12 @@ def test_data_order_is_seeded():
                                             seed=seed, round_num=r, epochs=1).data["x"]
   np.testing.assert_array_equal(make(0, 0), make(0, 0))
   assert not np.array_equal(make(0, 0), make(0, 1))
+
+
+def test_pad_cohort_adds_empty_clients():
+  c = cohort.make_cohort(_fed(), np.array([0, 2, 1]), steps=2, batch_size=2, seed=0, round_num=0)
+  p = cohort.pad_cohort(c, 4)
+  assert p.num_clients == 4 and p.data["x"].shape == (4, 2, 2)
+  assert p.mask[3].sum() == 0 and p.weights[3] == 0
+  assert p.client_ids[3] == cohort.PADDING_ID
+  assert cohort.pad_cohort(c, 3) is c

@@ -31,7 +31,7 @@ def _model():
   return graphdef, params
 
 
-def _run(execution, mesh, rounds=2, make_alg=None, fed=None):
+def _run(execution, mesh, rounds=2, make_alg=None, fed=None, cohort_size=COHORT):
   """Runs `rounds` rounds and returns (server, clients, metrics per round, runner)."""
   fed = fed or _federation()
   graphdef, params = _model()
@@ -46,7 +46,7 @@ def _run(execution, mesh, rounds=2, make_alg=None, fed=None):
                                  alg.init_clients(params, padded_rows(NUM_CLIENTS, mesh)))
   history = []
   for r in range(rounds):
-    ids = cohort_lib.sample_clients(7, r, NUM_CLIENTS, COHORT)
+    ids = cohort_lib.sample_clients(7, r, NUM_CLIENTS, cohort_size)
     cohort = cohort_lib.make_cohort(fed, ids, steps=STEPS, batch_size=BATCH, seed=7, round_num=r)
     server, clients, metrics = runner(server, clients, cohort, jax.random.key(r))
     history.append(jax.device_get(metrics))
@@ -90,6 +90,17 @@ def test_same_parameters_on_1_2_4_8_devices(reference, num_devices):
   got = _run(ClientExecution("vmap", mesh=mesh), mesh)
   _assert_trees_close(ref[0].params, got[0].params, 1e-5)
   _assert_trees_close(ref[1], got[1], 1e-5)
+
+
+def test_cohort_not_divisible_by_devices_is_padded_with_empty_clients():
+  mesh1 = sharding.make_mesh(devices=jax.devices()[:1])
+  ref = _run(ClientExecution("vmap", mesh=mesh1), mesh1, cohort_size=6)
+  mesh = sharding.make_mesh(devices=jax.devices()[:4])  # 6 clients -> 8 slots, 2 empty
+  got = _run(ClientExecution("vmap", mesh=mesh), mesh, cohort_size=6)
+  _assert_trees_close(ref[0].params, got[0].params, 1e-5)
+  _assert_trees_close(ref[1], got[1], 1e-5)
+  np.testing.assert_allclose(ref[2][-1]["loss"], got[2][-1]["loss"], rtol=1e-5)
+  assert got[2][-1]["num_nonfinite_clients"] == 0
 
 
 def test_client_state_is_sharded_over_the_clients_axis():
