@@ -83,25 +83,39 @@ def train(alg: Algorithm, params: PyTree, train_data: cohort_lib.FederatedData, 
   history = []
   bar = tqdm(range(rounds), desc="rounds", disable=not progress, dynamic_ncols=True)
   start = time.perf_counter()
+
+  def finish(r, metrics, eval_metrics):
+    """Reads round r's metrics back (blocking) and logs them."""
+    record = {"round": r + 1, **{f"train/{k}": v for k, v in _scalars(metrics).items()},
+              "bytes_down": down * cohort_size, "bytes_up": up * cohort_size}
+    if eval_metrics is not None:
+      record.update({f"eval/{k}": v for k, v in _scalars(eval_metrics).items()})
+    record["seconds"] = time.perf_counter() - start
+    history.append(record)
+    if log:
+      log.write(json.dumps(record) + "\n")
+      log.flush()
+    bar.set_postfix({k.split("/")[-1] if k.startswith("train") else k: f"{v:.3f}"
+                     for k, v in record.items() if k in ("train/loss", "train/accuracy",
+                                                          "eval/accuracy")})
+
+  # Round r is dispatched before round r-1's metrics are read back: the host builds the next
+  # cohort while the device computes (JAX dispatch is asynchronous).
+  pending = None
   try:
     for r in bar:
       ids = cohort_lib.sample_clients(seed, r, train_data.num_clients, cohort_size)
       cohort = cohort_lib.make_cohort(train_data, ids, steps=steps, batch_size=batch_size,
                                       seed=seed, round_num=r, epochs=local_epochs)
       server, clients, metrics = runner(server, clients, cohort, jax.random.fold_in(base_key, r))
-      record = {"round": r + 1, **{f"train/{k}": v for k, v in _scalars(metrics).items()},
-                "bytes_down": down * cohort_size, "bytes_up": up * cohort_size}
+      eval_metrics = None
       if evaluate is not None and ((r + 1) % eval_every == 0 or r + 1 == rounds):
-        record.update({f"eval/{k}": v for k, v in _scalars(evaluate(server.params,
-                                                                   clients)).items()})
-      record["seconds"] = time.perf_counter() - start
-      history.append(record)
-      if log:
-        log.write(json.dumps(record) + "\n")
-        log.flush()
-      bar.set_postfix({k.split("/")[-1] if k.startswith("train") else k: f"{v:.3f}"
-                       for k, v in record.items() if k in ("train/loss", "train/accuracy",
-                                                            "eval/accuracy")})
+        eval_metrics = evaluate(server.params, clients)
+      if pending:
+        finish(*pending)
+      pending = (r, metrics, eval_metrics)
+    if pending:
+      finish(*pending)
   finally:
     bar.close()
     if log:
