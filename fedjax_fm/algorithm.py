@@ -66,8 +66,9 @@ class ClientExecution:
 
   Attributes:
     strategy: ``"vmap"`` (all clients in one vmap; the GPU/TPU path), ``"chunked"`` (vmap over
-      chunks of `chunk_size`, chunks unrolled) or ``"unrolled"`` (each client traced separately).
-    chunk_size: clients per chunk for ``"chunked"``.
+      chunks of `chunk_size`, chunks unrolled), ``"unrolled"`` (each client traced separately)
+      or ``"sequential"`` (a loop over groups of `chunk_size` clients; the XLA:CPU path).
+    chunk_size: clients per chunk for ``"chunked"`` and per loop iteration for ``"sequential"``.
     scan_unroll: `unroll` of the `lax.scan` over local steps: 1 keeps a loop, True unrolls it
       fully (XLA:CPU runs convolutions about 10x slower inside loop bodies).
     mesh: if set, every client-stacked value in the round is constrained to the mesh's
@@ -92,8 +93,12 @@ class ClientExecution:
 
 
 def default_execution(mesh: Mesh | None = None) -> ClientExecution:
-  """vmap on accelerators; on XLA:CPU per-client convolutions run best unrolled (see
-  BENCHMARKS.md), so clients and local steps are unrolled there."""
+  """The fastest way to run a cohort on this backend (measured in BENCHMARKS.md).
+
+  On GPU/TPU: one `vmap` over all clients. On XLA:CPU, `vmap` over per-client convolution
+  kernels lowers to slow grouped convolutions, so clients run in a `lax.map` of groups of 5
+  with the local steps in a rolled `lax.scan` (compile time independent of the cohort).
+  """
   if jax.default_backend() == "cpu":
-    return ClientExecution(strategy="unrolled", scan_unroll=True, mesh=mesh)
+    return ClientExecution(strategy="sequential", chunk_size=5, scan_unroll=1, mesh=mesh)
   return ClientExecution(strategy="vmap", mesh=mesh)

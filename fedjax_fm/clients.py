@@ -14,8 +14,11 @@ How the clients of a round execute is a choice with identical results (`EXECUTIO
 - ``"chunked"``: `vmap` over chunks of `chunk_size` clients, the chunks unrolled at trace time.
   Bounds peak memory on an accelerator, and on XLA:CPU keeps batched matmuls while avoiding
   the slow grouped convolutions that `vmap` over per-client kernels lowers to.
-- ``"unrolled"``: every client traced separately into the same program. On XLA:CPU this is
-  often the fastest for convolutional models; the program grows with the cohort.
+- ``"unrolled"``: every client traced separately into the same program; the program (and its
+  compile time) grows with the cohort.
+- ``"sequential"``: clients in a `lax.map` loop, `chunk_size` of them traced side by side per
+  iteration (independent work XLA:CPU overlaps). Program size is independent of the cohort;
+  the fastest choice on XLA:CPU (see BENCHMARKS.md), pointless on an accelerator.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 PyTree = Any
-EXECUTION_STRATEGIES = ("vmap", "chunked", "unrolled")
+EXECUTION_STRATEGIES = ("vmap", "chunked", "unrolled", "sequential")
 
 
 def broadcast(tree: PyTree, k: int) -> PyTree:
@@ -53,7 +56,8 @@ def map_clients(fn: Callable[..., PyTree], strategy: str = "vmap", chunk_size: i
   Args:
     fn: a function of one client's arguments returning a pytree.
     strategy: one of `EXECUTION_STRATEGIES`; all give the same result up to float rounding.
-    chunk_size: clients per `vmap` chunk for ``"chunked"``; the last chunk may be smaller.
+    chunk_size: clients per `vmap` chunk for ``"chunked"``, per loop iteration for
+      ``"sequential"``; the last chunk may be smaller.
     in_axes: as in `jax.vmap`: 0 for client-stacked arguments, None for arguments shared by all.
 
   Returns:
@@ -77,11 +81,37 @@ def map_clients(fn: Callable[..., PyTree], strategy: str = "vmap", chunk_size: i
 
     if strategy == "unrolled":
       return _stack([fn(*part(i)) for i in range(k)])
+    if strategy == "sequential":
+      return _sequential(fn, args, axes, k, chunk_size)
     chunk_fn = jax.vmap(fn, in_axes=tuple(axes))
     return _concat([chunk_fn(*part(slice(s, min(s + chunk_size, k))))
                     for s in range(0, k, chunk_size)])
 
   return mapped
+
+
+def _sequential(fn, args, axes, k, group):
+  """`lax.map` over groups of `group` clients, each group unrolled; a remainder group of
+  fewer clients runs unrolled after the loop."""
+  def run_group(group_args, size):
+    outs = []
+    for i in range(size):
+      it = iter(group_args)
+      outs.append(fn(*[_index(next(it), i) if ax is not None else a
+                       for a, ax in zip(args, axes)]))
+    return _stack(outs)
+
+  mapped = [a for a, ax in zip(args, axes) if ax is not None]
+  full = k // group * group
+  parts = []
+  if full:
+    grouped = [jax.tree_util.tree_map(lambda x: x[:full].reshape((-1, group) + x.shape[1:]), a)
+               for a in mapped]
+    out = jax.lax.map(lambda g: run_group(g, group), grouped)
+    parts.append(jax.tree_util.tree_map(lambda x: x.reshape((-1,) + x.shape[2:]), out))
+  if full < k:
+    parts.append(run_group([_index(a, slice(full, k)) for a in mapped], k - full))
+  return _concat(parts)
 
 
 def gather_rows(stacked: PyTree, ids: jax.Array) -> PyTree:

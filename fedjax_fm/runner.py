@@ -1,8 +1,9 @@
 """Compiles an algorithm's round once for a mesh and runs it.
 
 `RoundRunner` wraps `alg.round` in one `jax.jit` with explicit shardings (server state
-replicated, client-stacked state and cohorts sharded over ``clients``) and donated state, and
-counts how often the round was traced and compiled: a run must compile its round exactly once.
+replicated, client-stacked state and cohorts sharded over ``clients``), donated state and
+per-backend XLA options (`default_compiler_options`), and counts how often the round was traced
+and compiled: a run must compile its round exactly once.
 """
 
 from __future__ import annotations
@@ -20,6 +21,17 @@ from fedjax_fm.cohort import Cohort, pad_cohort
 PyTree = Any
 
 
+# XLA:CPU hands convolutions to YNNPACK by default, which measured slower for these small
+# per-client convolutions than XLA's own (BENCHMARKS.md); dots and reductions keep it.
+CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
+                        "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+
+
+def default_compiler_options() -> dict[str, str]:
+  """XLA options for the round on this backend (none off the CPU)."""
+  return dict(CPU_COMPILER_OPTIONS) if jax.default_backend() == "cpu" else {}
+
+
 class RoundRunner:
   """One compiled round of `alg` on `mesh`.
 
@@ -32,7 +44,8 @@ class RoundRunner:
     assert runner.compilations == 1
   """
 
-  def __init__(self, alg: Algorithm, mesh: Mesh, donate: bool = True):
+  def __init__(self, alg: Algorithm, mesh: Mesh, donate: bool = True,
+               compiler_options: dict[str, str] | None = None):
     self.alg, self.mesh = alg, mesh
     self.traces = 0
     rep = sharding.replicated(mesh)
@@ -42,9 +55,12 @@ class RoundRunner:
       self.traces += 1  # Python side effect: runs once per trace, never per call.
       return alg.round(server, clients, cohort, rng)
 
+    if compiler_options is None:
+      compiler_options = default_compiler_options()
     self._round = jax.jit(traced_round, in_shardings=(rep, cs, cs, rep),
                           out_shardings=(rep, cs, rep),
-                          donate_argnums=(0, 1) if donate else ())
+                          donate_argnums=(0, 1) if donate else (),
+                          compiler_options=compiler_options or None)
 
   @property
   def compilations(self) -> int:

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fedjax_fm.models import layers
+
 
 def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
   """Inverted dropout; identity when `rng` is None (evaluation) or rate is 0."""
@@ -25,11 +27,16 @@ def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
 
 
 class SimpleCNN(nnx.Module):
-  """Two 3x3 convolutions, max-pool, one hidden dense layer; NHWC inputs."""
+  """Two 3x3 convolutions, max-pool, one hidden dense layer; NHWC inputs.
+
+  `canonical_conv` (default: on when JAX runs on the CPU) swaps in `layers.canonical_conv`,
+  whose gradient XLA:CPU compiles well; the parameters and the function are the same.
+  """
 
   def __init__(self, input_shape: Sequence[int], num_classes: int, *, rngs: nnx.Rngs,
                channels: Sequence[int] = (32, 64), hidden: int = 128,
-               dropout_rates: Sequence[float] = (0.25, 0.5)):
+               dropout_rates: Sequence[float] = (0.25, 0.5),
+               canonical_conv: bool | None = None):
     h, w, c = input_shape
     self.conv1 = nnx.Conv(c, channels[0], (3, 3), padding="VALID", rngs=rngs)
     self.conv2 = nnx.Conv(channels[0], channels[1], (3, 3), padding="VALID", rngs=rngs)
@@ -37,12 +44,17 @@ class SimpleCNN(nnx.Module):
     self.dense1 = nnx.Linear(flat, hidden, rngs=rngs)
     self.head = nnx.Linear(hidden, num_classes, rngs=rngs)
     self.dropout_rates = tuple(dropout_rates)
+    if canonical_conv is None:
+      canonical_conv = jax.default_backend() == "cpu"
+    if canonical_conv:  # same function and gradient; a VJP XLA:CPU runs fast inside loops
+      self.conv1.conv_general_dilated = layers.canonical_conv
+      self.conv2.conv_general_dilated = layers.canonical_conv
 
   def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
     r1, r2 = (None, None) if rng is None else jax.random.split(rng)
     x = jax.nn.relu(self.conv1(x))
     x = jax.nn.relu(self.conv2(x))
-    x = nnx.max_pool(x, (2, 2), strides=(2, 2))
+    x = layers.max_pool_2x2(x)
     x = dropout(x, self.dropout_rates[0], r1)
     x = x.reshape(x.shape[:-3] + (-1,))
     x = jax.nn.relu(self.dense1(x))

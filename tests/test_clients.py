@@ -14,7 +14,8 @@ def test_broadcast_stacks_copies():
 
 
 @pytest.mark.parametrize("strategy,chunk", [("vmap", 1), ("chunked", 2), ("chunked", 3),
-                                            ("unrolled", 1)])
+                                            ("unrolled", 1), ("sequential", 2),
+                                            ("sequential", 5), ("sequential", 7)])
 def test_map_clients_strategies_agree(strategy, chunk):
   x = jnp.arange(15.0).reshape(5, 3)
   shared = jnp.array([1.0, -1.0, 2.0])

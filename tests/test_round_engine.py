@@ -72,7 +72,8 @@ def reference():
   return _run(ClientExecution("vmap", mesh=mesh), mesh)
 
 
-@pytest.mark.parametrize("strategy,chunk,unroll", [("chunked", 3, 1), ("unrolled", 1, True)])
+@pytest.mark.parametrize("strategy,chunk,unroll", [("chunked", 3, 1), ("unrolled", 1, True),
+                                                  ("sequential", 3, 1)])
 def test_execution_strategies_give_identical_results(reference, strategy, chunk, unroll):
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
   ref = reference
