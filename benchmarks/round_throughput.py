@@ -30,8 +30,8 @@ convolutions off, steps in a loop), to show where the time goes.
 
 Usage::
 
-  python benchmarks/round_throughput.py --json /tmp/w1.json  # full W1 (~9 min on 2 CPU cores)
-  python benchmarks/round_throughput.py --runners "fedjax_fm[vmap],fedjax_fm[vmap,scan],fedjax_fm[chunked5],fedjax_fm[chunked25],fedjax_fm[sequential1,scan],fedjax_fm[unrolled,scan]"
+  python benchmarks/round_throughput.py --json /tmp/w1.json  # full W1 (~4 min on 2 CPU cores)
+  python benchmarks/round_throughput.py --runners "fedjax_fm[unrolled],fedjax_fm[chunked5],fedjax_fm[chunked25]"
   python benchmarks/round_throughput.py --quick              # CI smoke (< 1 min)
   python benchmarks/round_throughput.py --probe              # per-op / per-client breakdown
   python benchmarks/round_throughput.py --cohort 500 --runners "fedjax_fm[default],torch_loop"
@@ -63,11 +63,11 @@ ENGINE_RUNNERS = {
 }
 BASELINE_RUNNERS = ("jax_client_loop", "torch_loop")
 ALL_RUNNERS = tuple(ENGINE_RUNNERS) + BASELINE_RUNNERS
-# The full run's rows: about 9 minutes on 2 CPU cores, 5 of them compiling `fedjax_fm[unrolled]`.
-# `fedjax_fm[default]` is `default_execution()`: `sequential5,scan` on CPU, `vmap,scan` on an
-# accelerator. The other strategies are left out to keep the run there; BENCHMARKS.md runs
-# them with a second command (`--runners`).
-DEFAULT_RUNNERS = ("fedjax_fm[default]", "fedjax_fm[sequential5]", "fedjax_fm[unrolled]",
+# The full run's rows: about 4 minutes on 2 CPU cores. `fedjax_fm[default]` is
+# `default_execution()`: `sequential5,scan` on CPU, `vmap,scan` on an accelerator. The unrolled
+# and chunked rows (1.5-4 minutes each on XLA:CPU, mostly compiling) are left out to keep the run
+# short; BENCHMARKS.md runs them with a second command (`--runners`, about 7 minutes).
+DEFAULT_RUNNERS = ("fedjax_fm[default]", "fedjax_fm[sequential5]", "fedjax_fm[vmap]",
                    "jax_client_loop", "torch_loop")
 QUICK_RUNNERS = ("fedjax_fm[default]", "torch_loop")
 
