@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
@@ -76,6 +77,9 @@ class RoundRunner:
     n = jax.tree_util.tree_leaves(clients)
     if n:  # alg.init_clients(params, padded_rows(num_clients, mesh)) makes this hold
       sharding.check_divisible(n[0].shape[0], self.mesh, "the number of client-state rows")
+    # An explicit copy first: device_put(..., may_alias=False) onto a multi-device sharding
+    # still lets shard 0 share the source buffer, which the first donated round would delete.
+    server, clients = jax.tree_util.tree_map(jnp.copy, (server, clients))
     server = jax.device_put(server, sharding.replicated(self.mesh), may_alias=False)
     clients = jax.device_put(clients, sharding.client_shardings(clients, self.mesh),
                              may_alias=False)

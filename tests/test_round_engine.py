@@ -166,8 +166,9 @@ def test_frozen_leaves_are_never_stacked_or_changed():
   assert not np.allclose(server.params["dense1"]["kernel"], params["dense1"]["kernel"])
 
 
-def test_round_state_is_donated():
-  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+@pytest.mark.parametrize("num_devices", [1, 2])
+def test_round_state_is_donated(num_devices):
+  mesh = sharding.make_mesh(devices=jax.devices()[:num_devices])
   graphdef, params = _model()
   alg = fedavg(classification_loss(graphdef), roles_lib.assign_roles(params),
                execution=ClientExecution("vmap", mesh=mesh))
