@@ -70,7 +70,7 @@ class ClientExecution:
       or ``"sequential"`` (a loop over groups of `chunk_size` clients; the XLA:CPU path).
     chunk_size: clients per chunk for ``"chunked"`` and per loop iteration for ``"sequential"``.
     scan_unroll: `unroll` of the `lax.scan` over local steps: 1 keeps a loop, True unrolls it
-      fully (XLA:CPU runs convolutions about 10x slower inside loop bodies).
+      fully (faster per round, longer to compile; see BENCHMARKS.md).
     mesh: if set, every client-stacked value in the round is constrained to the mesh's
       ``clients`` axis (`constrain`).
   """
