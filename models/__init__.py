@@ -1,6 +1,21 @@
 """Flax NNX models for fedjax_fm (installed as `fedjax_fm.models`)."""
 
+from fedjax_fm.models.adapters import AdapterConfig, BottleneckAdapter, LoRA, LoRAConfig
 from fedjax_fm.models.cnn import MLP, SimpleCNN
+from fedjax_fm.models.embedders import PatchEmbeddings, TextEmbeddings, VisionTextEmbeddings
+from fedjax_fm.models.heads import (AnswerScoringHead, ClassificationHead, DensePredictionHead,
+                                    ImageReconstructionHead, TokenPredictionHead, build_head)
+from fedjax_fm.models.pretrained import config_from_hf, from_pretrained
 from fedjax_fm.models.tasks import classification_loss, functional
+from fedjax_fm.models.transformer import (BACKBONE_PATTERN, Encoder, TransformerConfig,
+                                          TransformerModel, parameter_component,
+                                          transformer_roles)
 
-__all__ = ["MLP", "SimpleCNN", "classification_loss", "functional"]
+__all__ = [
+    "AdapterConfig", "AnswerScoringHead", "BACKBONE_PATTERN", "BottleneckAdapter",
+    "ClassificationHead", "DensePredictionHead", "Encoder", "ImageReconstructionHead", "LoRA",
+    "LoRAConfig", "MLP", "PatchEmbeddings", "SimpleCNN", "TextEmbeddings", "TokenPredictionHead",
+    "TransformerConfig", "TransformerModel", "VisionTextEmbeddings", "build_head",
+    "classification_loss", "config_from_hf", "from_pretrained", "functional",
+    "parameter_component", "transformer_roles",
+]
