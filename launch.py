@@ -2,28 +2,37 @@
 
   python launch.py                                            # the embedded default
   python launch.py --config configs/default.py:tiny --config.rounds=3 --workdir runs/x
+  python launch.py --config configs/default.py:tiny --config.rounds=6 --workdir runs/x --resume
 
 This file is the one place a config becomes objects (`build_*`); the loop is `fedjax_fm.train`.
+Configuration mistakes end in one line naming the problem and the fix, with exit status 1, before
+anything in the workdir is touched.
 """
 
-import json
 import os
 import sys
 
 import jax
-from absl import app, flags
+from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
-from fedjax_fm import algorithms, data, models, roles, sharding
+from fedjax_fm import algorithms, data, models, roles, rundir, sharding
 from fedjax_fm.algorithm import ClientExecution, default_execution
+from fedjax_fm.checkpoint import CheckpointError
 from fedjax_fm.evaluate import make_evaluator
 from fedjax_fm.train import train
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 config_flags.DEFINE_config_file("config", os.path.join(_HERE, "configs", "default.py"),
                                 "Experiment config file (path[:variant]).")
-flags.DEFINE_string("workdir", None, "Where metrics, curves and the config are written.")
+flags.DEFINE_string("workdir", None, "Where metrics, curves, checkpoints and the config go.")
+flags.DEFINE_bool("resume", False, "Continue the run in --workdir from its last checkpoint.")
+flags.DEFINE_bool("overwrite", False, "Start anew in a --workdir that holds a run (the old run "
+                  "is moved to <workdir>/replaced-<time>/, not deleted).")
+flags.DEFINE_bool("allow_config_change", False, "Let --resume continue with a different config.")
+flags.DEFINE_bool("fallback_checkpoint", False, "If the last checkpoint is damaged, resume from "
+                  "the one before it.")
 FLAGS = flags.FLAGS
 
 
@@ -43,7 +52,7 @@ def build_model(config, train_data):
   elif config.model.name == "cnn":
     model = models.SimpleCNN(example.shape[1:], num_classes, rngs=rngs)
   else:
-    raise ValueError(f"unknown model {config.model.name!r}; available: ['mlp', 'cnn']")
+    raise ValueError(f"unknown model {config.model.name!r}; available: ['cnn', 'mlp']")
   return models.functional(model)
 
 
@@ -54,32 +63,69 @@ def build_execution(config, mesh):
   return ClientExecution(ex.strategy, ex.chunk_size, ex.scan_unroll, mesh=mesh)
 
 
-def run(config, workdir=None):
+def check_config(config):
+  """Value checks no builder makes on its own."""
+  for name in ("rounds", "batch_size", "cohort_size", "local_epochs", "eval_every"):
+    if not config[name] > 0:
+      raise ValueError(f"config.{name} must be positive, got {config[name]}")
+  for name, value in config.algorithm.hparams.items():
+    if name.endswith("lr") and not value > 0:
+      raise ValueError(f"learning rate config.algorithm.hparams.{name} must be positive, got "
+                       f"{value}")
+
+
+def run(config, workdir=None, *, resume=False, overwrite=False, allow_config_change=False,
+        fallback_checkpoint=False, progress=True):
   """Builds everything from `config` and trains; returns the metric history."""
+  check_config(config)
   train_data, test_data = build_data(config)
   graphdef, params = build_model(config, train_data)
   mesh = sharding.make_mesh(tuple(tuple(a) for a in config.mesh))
   alg = algorithms.build(config.algorithm.name, models.classification_loss(graphdef),
                          roles.assign_roles(params), params, build_execution(config, mesh),
                          **config.algorithm.hparams.to_dict())
+  if config.cohort_size > train_data.num_clients:
+    raise ValueError(f"config.cohort_size={config.cohort_size} is larger than the "
+                     f"{train_data.num_clients} clients of the federation; lower it")
   if workdir:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    rundir.prepare(workdir, config.to_json_best_effort(), resume=resume, overwrite=overwrite,
+                   allow_config_change=allow_config_change)
+  elif resume:
+    raise ValueError("--resume needs the --workdir of the run to continue")
   evaluate = make_evaluator(models.classification_loss(graphdef, train=False), test_data)
   return train(alg, params, train_data, rounds=config.rounds, cohort_size=config.cohort_size,
                batch_size=config.batch_size, local_epochs=config.local_epochs, seed=config.seed,
-               mesh=mesh, evaluate=evaluate, eval_every=config.eval_every, workdir=workdir)
+               mesh=mesh, evaluate=evaluate, eval_every=config.eval_every, workdir=workdir,
+               checkpoint_every=config.checkpoint_every, keep_checkpoints=config.keep_checkpoints,
+               resume=resume, fallback_checkpoint=fallback_checkpoint, progress=progress)
+
+
+def parse_flags(argv):
+  """absl's flag parsing, with config mistakes reported in one line instead of a traceback."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f"error: {e}")
+  except (AttributeError, KeyError) as e:  # ml_collections: an override of a key that's absent
+    bad = [a for a in argv[1:] if a.startswith("--config.")]
+    sys.exit(f"error: unknown config key {str(e).strip(chr(34))} in {bad}; check the spelling "
+             "against the config file")
+  except Exception as e:  # pylint: disable=broad-except  # a config file that fails to load
+    sys.exit(f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
 
 
 def main(argv):
   del argv
+  if not FLAGS["verbosity"].present:  # orbax logs every save at INFO; keep the console readable
+    logging.set_verbosity(logging.WARNING)
   try:
-    history = run(FLAGS.config, FLAGS.workdir)
-  except ValueError as e:  # configuration mistakes: one line, non-zero exit, nothing lost
+    run(FLAGS.config, FLAGS.workdir, resume=FLAGS.resume, overwrite=FLAGS.overwrite,
+        allow_config_change=FLAGS.allow_config_change,
+        fallback_checkpoint=FLAGS.fallback_checkpoint)
+  except (ValueError, FileNotFoundError, CheckpointError) as e:
+    # configuration and input mistakes: one line, non-zero exit, nothing already written lost
     sys.exit(f"error: {e}")
-  print(json.dumps({k: round(v, 4) for k, v in history[-1].items()}))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -24,6 +24,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.batch_size = 8
   c.local_epochs = 1
   c.eval_every = 20
+  c.checkpoint_every = 50   # rounds between checkpoints (and one at the end)
+  c.keep_checkpoints = 3
   c.mesh = (("clients", -1),)
   # vmap | chunked | unrolled, or "auto" (vmap on GPU/TPU, the CPU choice of BENCHMARKS.md).
   c.execution = ml_collections.ConfigDict(dict(strategy="vmap", chunk_size=8, scan_unroll=1))

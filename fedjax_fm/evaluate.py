@@ -1,8 +1,15 @@
-"""Personalized evaluation: every client's own parameters on its own test data, in one program.
+"""Evaluation of every client in one program: personalized and global.
 
-A client's parameters are the server's global parameters merged with its personal row (for
-FedAvg there is no personal row, so this is the global model). All clients run under `vmap`
-(chunked, to bound memory), the test batches of a client under `lax.map`.
+- personalized: each client's own parameters (the server's global parameters merged with its
+  personal row) on its own test split;
+- global: the server model on the pooled test data of all clients. Where the algorithm keeps
+  personal leaves (FedPer's head), the server has none of its own, so the global model fills them
+  with the mean of the clients' personal rows (documented choice; for algorithms without
+  personal leaves it is exactly the server model).
+
+All clients run under `vmap` (chunked, to bound memory), the test batches of a client under
+`lax.scan`. Metrics are averaged over all test examples of all clients, which for one shared
+model equals evaluating it on the pooled test set.
 """
 
 from __future__ import annotations
@@ -21,13 +28,17 @@ PyTree = Any
 
 
 def make_evaluator(loss_fn: LossFn, test: FederatedData, batch_size: int = 64,
-                   chunk_size: int = 64):
-  """Returns evaluate(server_params, client_states) -> {metric: example-weighted mean}.
+                   chunk_size: int = 64, modes: tuple[str, ...] = ("personalized", "global")):
+  """Returns evaluate(server_params, client_states) -> {"<mode>/<metric>": value}.
 
   The test data is padded once into `[N, steps, batch, ...]` and the evaluation compiles once.
-  Metrics are averaged over all test examples of all clients (clients with no test data don't
-  count); `per_client` accuracy-style metrics are in the result too, as arrays `[N]`.
+  Each mode gives example-weighted means over all clients' test examples (clients with no test
+  data don't count) and `<mode>/per_client_<metric>` arrays `[N]`.
   """
+  unknown = set(modes) - {"personalized", "global"}
+  if unknown or not modes:
+    raise ValueError(f"unknown evaluation modes {sorted(unknown)}; use 'personalized' and/or "
+                     "'global'")
   n = test.num_clients
   steps = steps_for_epochs(np.maximum(test.sizes, 1), batch_size, 1)
   batches = make_cohort(test, np.arange(n), steps=steps, batch_size=batch_size, seed=0,
@@ -41,10 +52,7 @@ def make_evaluator(loss_fn: LossFn, test: FederatedData, batch_size: int = 64,
     _, sums = jax.lax.scan(step, None, (data, mask))
     return jax.tree_util.tree_map(lambda s: jnp.sum(s, 0), sums)
 
-  @jax.jit
-  def evaluate(server_params, client_states):
-    personal = jax.tree_util.tree_map(lambda x: x[:n], client_states)  # drop padding rows
-
+  def all_clients(server_params, personal, prefix):
     def client(personal_row, data, mask):
       return one_client(roles_lib.merge(server_params, personal_row), data, mask)
 
@@ -52,9 +60,24 @@ def make_evaluator(loss_fn: LossFn, test: FederatedData, batch_size: int = 64,
                                                                    batches.mask)
     count = sums.pop("count")
     total = jnp.maximum(jnp.sum(count), 1.0)
-    out = {name[:-len("_sum")]: jnp.sum(s) / total for name, s in sums.items()}
-    out.update({f"per_client_{name[:-len('_sum')]}": s / jnp.maximum(count, 1.0)
+    out = {f"{prefix}/{name[:-len('_sum')]}": jnp.sum(s) / total for name, s in sums.items()}
+    out.update({f"{prefix}/per_client_{name[:-len('_sum')]}": s / jnp.maximum(count, 1.0)
                 for name, s in sums.items()})
+    return out
+
+  @jax.jit
+  def evaluate(server_params, client_states):
+    personal = jax.tree_util.tree_map(lambda x: x[:n], client_states)  # drop padding rows
+    out = {}
+    if "personalized" in modes:
+      out.update(all_clients(server_params, personal, "personalized"))
+    if "global" in modes:
+      if jax.tree_util.tree_leaves(personal) or "personalized" not in modes:
+        mean_row = jax.tree_util.tree_map(lambda x: jnp.mean(x, 0), personal)
+        stacked = clients_lib.broadcast(mean_row, n)
+        out.update(all_clients(server_params, stacked, "global"))
+      else:  # no personal leaves: every client's model is the server model
+        out.update({"global/" + k.split("/", 1)[1]: v for k, v in out.items()})
     return out
 
   return evaluate

@@ -1,6 +1,9 @@
-"""The run loop: sample a cohort, run the compiled round, evaluate, log. One readable story.
+"""The run loop: sample a cohort, run the compiled round, evaluate, log, checkpoint. One story.
 
 The algorithm arrives built (`fedjax_fm.algorithms.build`), so this module knows no algorithm.
+Everything random is a pure function of (seed, round), and checkpoints hold the server state, the
+clients' personal state and the metric history, so a resumed run ends bit-identical to an
+uninterrupted one.
 """
 
 from __future__ import annotations
@@ -9,14 +12,15 @@ import json
 import os
 import time
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from fedjax_fm import cohort as cohort_lib, sharding
+from fedjax_fm import cohort as cohort_lib, report, sharding
 from fedjax_fm.algorithm import Algorithm
+from fedjax_fm.checkpoint import Checkpointer
 from fedjax_fm.runner import RoundRunner, padded_rows
 
 PyTree = Any
@@ -26,84 +30,97 @@ def _scalars(metrics: dict) -> dict[str, float]:
   return {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
 
 
-def plot_curves(history: list[dict], path: str):
-  """Writes train loss and evaluation metrics against the round as a PNG."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  keys = [k for k in ("train/loss", "train/accuracy", "eval/loss", "eval/accuracy")
-          if any(k in h for h in history)]
-  fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
-  for ax, key in zip(axes[0], keys):
-    pts = [(h["round"], h[key]) for h in history if key in h]
-    ax.plot(*zip(*pts), marker="." if len(pts) < 30 else None)
-    ax.set_title(key)
-    ax.set_xlabel("round")
-    ax.grid(alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+def _check_positive(**values):
+  for name, value in values.items():
+    if value is not None and not value > 0:
+      raise ValueError(f"{name} must be positive, got {value}; set config.{name} > 0")
 
 
 def train(alg: Algorithm, params: PyTree, train_data: cohort_lib.FederatedData, *,
           rounds: int, cohort_size: int, batch_size: int, local_steps: int | None = None,
           local_epochs: int | None = None, seed: int = 0, mesh=None,
           evaluate: Callable[[PyTree, PyTree], dict] | None = None, eval_every: int = 10,
-          workdir: str | None = None, progress: bool = True) -> list[dict]:
-  """Runs `rounds` rounds of `alg` and returns the per-round metric history.
+          workdir: str | None = None, checkpoint_every: int = 0, keep_checkpoints: int = 3,
+          resume: bool = False, fallback_checkpoint: bool = False,
+          client_groups: Sequence[str] | None = None, progress: bool = True) -> list[dict]:
+  """Runs rounds of `alg` up to round `rounds` and returns the per-round metric history.
 
   Args:
     alg: the algorithm.
     params: initial parameters (all roles).
     train_data: the federation's training data.
-    rounds, cohort_size, batch_size: the usual.
+    rounds, cohort_size, batch_size: the usual; `rounds` is the total, resumed rounds included.
     local_steps / local_epochs: exactly one of them: a fixed number of local steps (data
       cycled), or full passes over each client's data (steps sized for the largest client,
       smaller ones masked).
     seed: seeds cohort sampling, data order and the round keys.
     mesh: device mesh (all devices on ``clients`` if None).
-    evaluate: (server params, client states) -> metrics; run every `eval_every` rounds and
-      after the last.
-    workdir: if set, `metrics.jsonl` and `curves.png` are written there.
+    evaluate: (server params, client states) -> metrics (`fedjax_fm.evaluate`); run every
+      `eval_every` rounds and after the last.
+    workdir: where metrics.jsonl, tensorboard/, checkpoints/, curves.png and the summary go.
+    checkpoint_every: save every this many rounds (0: only at the end); needs `workdir`.
+    keep_checkpoints: how many recent checkpoints to keep.
+    resume: continue from the latest complete checkpoint in `workdir`.
+    fallback_checkpoint: if that checkpoint is damaged, resume from the one before.
+    client_groups: a group name per client, for the per-group rows of the summary.
     progress: show a progress bar.
   """
+  # ---- arguments: fail before anything is written ----
   if (local_steps is None) == (local_epochs is None):
     raise ValueError("set exactly one of local_steps and local_epochs")
+  _check_positive(rounds=rounds, cohort_size=cohort_size, batch_size=batch_size,
+                  local_steps=local_steps, local_epochs=local_epochs, eval_every=eval_every)
+  if cohort_size > train_data.num_clients:
+    raise ValueError(f"cohort_size {cohort_size} is larger than the federation's "
+                     f"{train_data.num_clients} clients; lower config.cohort_size")
+  if resume and not workdir:
+    raise ValueError("resuming needs the --workdir of the run to continue")
   mesh = mesh or sharding.make_mesh()
   steps = local_steps or cohort_lib.steps_for_epochs(train_data.sizes, batch_size, local_epochs)
+
+  # ---- state: fresh, or the latest checkpoint ----
   runner = RoundRunner(alg, mesh)
   server, clients = runner.place(
       alg.init(params, jax.random.key(seed)),
       alg.init_clients(params, padded_rows(train_data.num_clients, mesh)))
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep_checkpoints) if workdir else None
+  start, history = 0, []
+  if resume:
+    start, state, meta = ckpt.restore({"server": server, "clients": clients},
+                                      fallback=fallback_checkpoint)
+    server, clients, history = state["server"], state["clients"], list(meta["history"])
+  log = report.MetricLog(workdir, history) if workdir else None
   down, up = alg.bytes_per_client(params)
   base_key = jax.random.key(seed + 1)
-  if workdir:
-    os.makedirs(workdir, exist_ok=True)
-  log = open(os.path.join(workdir, "metrics.jsonl"), "a") if workdir else None
-  history = []
-  bar = tqdm(range(rounds), desc="rounds", disable=not progress, dynamic_ncols=True)
-  start = time.perf_counter()
+  last_eval = None
+
+  # ---- the loop ----
+  bar = tqdm(total=rounds, initial=min(start, rounds), desc="round", unit="round",
+             disable=not progress, dynamic_ncols=True)
+  t0 = time.perf_counter() - (history[-1]["wall_seconds"] if history else 0.0)
 
   def finish(r, metrics, eval_metrics):
-    """Reads round r's metrics back (blocking) and logs them."""
+    """Reads round r's metrics back (blocking), logs them and checkpoints."""
+    nonlocal last_eval
     record = {"round": r + 1, **{f"train/{k}": v for k, v in _scalars(metrics).items()},
               "bytes_down": down * cohort_size, "bytes_up": up * cohort_size}
     if eval_metrics is not None:
-      record.update({f"eval/{k}": v for k, v in _scalars(eval_metrics).items()})
-    record["seconds"] = time.perf_counter() - start
+      last_eval = jax.device_get(eval_metrics)
+      record.update(_scalars(last_eval))
+    record["wall_seconds"] = time.perf_counter() - t0
     history.append(record)
     if log:
-      log.write(json.dumps(record) + "\n")
-      log.flush()
+      log.write(record)
+    bar.update(1)
     bar.set_postfix({k.split("/")[-1] if k.startswith("train") else k: f"{v:.3f}"
-                     for k, v in record.items() if k in ("train/loss", "train/accuracy",
-                                                          "eval/accuracy")})
+                     for k, v in record.items()
+                     if k in ("train/loss", "train/accuracy", "personalized/accuracy")})
 
   # Round r is dispatched before round r-1's metrics are read back: the host builds the next
   # cohort while the device computes (JAX dispatch is asynchronous).
   pending = None
   try:
-    for r in bar:
+    for r in range(start, rounds):
       ids = cohort_lib.sample_clients(seed, r, train_data.num_clients, cohort_size)
       cohort = cohort_lib.make_cohort(train_data, ids, steps=steps, batch_size=batch_size,
                                       seed=seed, round_num=r, epochs=local_epochs)
@@ -114,15 +131,33 @@ def train(alg: Algorithm, params: PyTree, train_data: cohort_lib.FederatedData, 
       if pending:
         finish(*pending)
       pending = (r, metrics, eval_metrics)
+      if ckpt and ((checkpoint_every and (r + 1) % checkpoint_every == 0) or r + 1 == rounds):
+        finish(*pending)  # the checkpoint's history must include this round
+        pending = None
+        ckpt.save(r + 1, {"server": server, "clients": clients}, {"history": history})
     if pending:
       finish(*pending)
   finally:
     bar.close()
     if log:
       log.close()
+    if ckpt:
+      ckpt.wait()
+      ckpt.close()
   if runner.compilations > 1:
     warnings.warn(f"the round compiled {runner.compilations} times; it should compile once "
                   "(a shape or dtype changed between rounds)")
-  if workdir and history:
-    plot_curves(history, os.path.join(workdir, "curves.png"))
+
+  # ---- what the run leaves behind ----
+  if history:
+    summary = report.summarize(history, last_eval, client_groups)
+    text = report.format_summary(summary)
+    if progress:
+      print(text)
+    if workdir:
+      report.plot_curves(history, os.path.join(workdir, "curves.png"))
+      with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+      with open(os.path.join(workdir, "summary.txt"), "w") as f:
+        f.write(text.lstrip() + "\n")
   return history

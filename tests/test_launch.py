@@ -35,9 +35,9 @@ def test_every_tiny_variant_runs_two_rounds(path, tmp_path):
   config = _load(path).get_config("tiny")
   config.rounds = 2
   config.eval_every = 2
-  history = launch.run(config, str(tmp_path))
+  history = launch.run(config, str(tmp_path), progress=False)
   assert [h["round"] for h in history] == [1, 2]
-  assert 0.0 <= history[-1]["eval/accuracy"] <= 1.0
+  assert 0.0 <= history[-1]["personalized/accuracy"] <= 1.0
   lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
   assert json.loads(lines[-1])["round"] == 2
   assert (tmp_path / "curves.png").stat().st_size > 0
@@ -47,8 +47,8 @@ def test_every_tiny_variant_runs_two_rounds(path, tmp_path):
 def test_default_experiment_learns():
   config = _load(os.path.join(ROOT, "configs", "default.py")).get_config()
   config.rounds = 40
-  history = launch.run(config)
-  assert history[-1]["eval/accuracy"] > 0.8  # chance is 0.1
+  history = launch.run(config, progress=False)
+  assert history[-1]["personalized/accuracy"] > 0.8  # chance is 0.1
 
 
 def test_bad_config_exits_nonzero_with_one_line():
@@ -65,3 +65,37 @@ def test_unknown_hyperparameter_names_the_accepted_ones():
   config.algorithm.hparams.learning_rate = 0.1
   with pytest.raises(ValueError, match="takes no hyperparameter.*client_lr"):
     launch.run(config)
+
+
+def _launch(*args, **env):
+  return subprocess.run(
+      [sys.executable, os.path.join(ROOT, "launch.py"), "--config",
+       os.path.join(ROOT, "configs", "default.py:tiny"), *args],
+      capture_output=True, text=True, cwd=ROOT, timeout=300, env={**os.environ, **env})
+
+
+def test_unknown_config_key_is_one_line_not_a_traceback():
+  proc = _launch("--config.learning_rate=0.1")
+  assert proc.returncode != 0
+  assert "Traceback" not in proc.stderr
+  assert proc.stderr.strip().splitlines() == [
+      "error: unknown config key 'learning_rate' in ['--config.learning_rate=0.1']; check the "
+      "spelling against the config file"]
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("rounds", 0, "config.rounds must be positive"),
+    ("batch_size", -8, "config.batch_size must be positive"),
+    ("algorithm.hparams.client_lr", 0.0, "learning rate .*client_lr must be positive"),
+    ("cohort_size", 9, r"cohort_size=9 is larger than the 8 clients"),
+    ("model.name", "resnet", r"unknown model 'resnet'; available: \['cnn', 'mlp'\]"),
+    ("data.name", "mnist", r"unknown data set 'mnist'; available: \[.*'digits'"),
+    ("algorithm.name", "fedsgd", r"unknown algorithm 'fedsgd'; choose one of \[.*'fedavg'"),
+])
+def test_bad_values_are_refused_before_anything_is_written(key, value, match, tmp_path):
+  config = _load(os.path.join(ROOT, "configs", "default.py")).get_config("tiny")
+  config.update_from_flattened_dict({key: value})
+  workdir = tmp_path / "run"
+  with pytest.raises(ValueError, match=match):
+    launch.run(config, str(workdir), progress=False)
+  assert not workdir.exists()
