@@ -132,11 +132,11 @@ def test_natural_partition_one_client_per_key_in_first_appearance_order():
 def test_partition_from_config_dispatches_and_checks_inputs():
   config = P.PartitionConfig.from_mapping({"kind": "shards", "num_clients": 5,
                                            "shards_per_client": 2})
-  parts = P.partition(config, seed=0, labels=LABELS)
+  parts = P.make_partition(config, seed=0, labels=LABELS)
   assert len(parts) == 5
   np.testing.assert_array_equal(parts[0], P.shard_partition(LABELS, 5, 2, seed=0)[0])
   with pytest.raises(ValueError, match="needs labels"):
-    P.partition(P.PartitionConfig(kind="dirichlet"), seed=0, num_examples=100)
+    P.make_partition(P.PartitionConfig(kind="dirichlet"), seed=0, num_examples=100)
   with pytest.raises(ValueError, match="unknown partition kind 'pathological'"):
     P.PartitionConfig(kind="pathological")
   with pytest.raises(ValueError, match=r"unknown partition options \['alhpa'\]"):

@@ -262,7 +262,7 @@ class PartitionConfig:
     return cls(**config)
 
 
-def partition(config: PartitionConfig, seed: int, *, labels: np.ndarray | None = None,
+def make_partition(config: PartitionConfig, seed: int, *, labels: np.ndarray | None = None,
               keys: Sequence[Hashable] | None = None,
               num_examples: int | None = None) -> list[np.ndarray]:
   """Deals examples to clients as `config` says.
