@@ -7,12 +7,13 @@ machines without a hub use it and how the tests exercise it.
 
 Every schema becomes plain arrays that a `FederatedData` can hold:
 
-| name        | hub source               | arrays                                                  |
-|-------------|--------------------------|---------------------------------------------------------|
-| "cifar10"   | uoft-cs/cifar10          | x [N,H,W,3] float32 in [0,1], y [N] int32               |
-| "glue/sst2" | nyu-mll/glue, sst2       | text [N] str (object), y [N] int32 (-1: unlabelled test) |
-| "vqav2"     | lmms-lab/VQAv2           | image [N,H,W,3] float32, question [N] str, answer_scores |
-|             |                          | [N,A] float32, y [N] int32, question_type, answer_type  |
+| name        | hub source         | arrays                                                   |
+|-------------|--------------------|----------------------------------------------------------|
+| "cifar10"   | uoft-cs/cifar10    | x [N,H,W,3] float32 in [0,1], y [N] int32                |
+| "glue/sst2" | nyu-mll/glue, sst2 | text [N] str (object), y [N] int32 (-1: unlabelled test) |
+| "vqav2"     | lmms-lab/VQAv2     | image [N,H,W,3] float32, question [N] str, answer_scores |
+|             |                    | [N,A] float32, y [N] int32 (top answer, -1 if none in    |
+|             |                    | the vocabulary), question_type, answer_type [N] str      |
 
 VQA soft scores follow the VQA evaluation (Antol et al. 2015; Goyal et al. 2017 for v2): with
 `m` of the `n` human answers equal to `a`, the score of `a` is the mean over the `n`

@@ -16,13 +16,20 @@ Parsing (`parse_play`):
   the end of their line;
 - split into blank-line separated blocks; a block whose first line is a speaker heading (a short
   name, upper case in plays whose headings are upper case, else capitalised words ending in a
-  period, e.g. "Ber.", "First Serv.") is a speech of that speaker; other blocks (act/scene headings, unbracketed stage
-  directions, choruses without a heading) are dropped.
+  period, e.g. "Ber.", "First Serv.") is a speech of that speaker; other blocks (act/scene
+  headings, unbracketed stage directions, choruses without a heading) are dropped.
 
 The result is one record per spoken line, (play, speaker, speech, line). As in LEAF, a client is
 one (play, speaker) pair and its text is its lines joined by single spaces. Speaker names are
 kept as printed, so an abbreviation that changes within a play ("Ham." / "Hamlet.") would make
 two clients, as it does in LEAF.
+
+Counts on the sdist's plays: 96,779 spoken lines in 30,239 speeches, 1,328 (play, speaker)
+clients; 1,146 of them have the 82+ characters that give at least two 80-character windows (one
+to train, one to test), the clients of `next_char_federation`. LEAF reports 1,129 users for its
+edition (the complete works as one Gutenberg file, a folio-like layout its regex parses); the
+editions differ in which minor parts get their own heading ("ALL", "BOTH", "FIRST LORD") and in
+abbreviations, so counts differ by a few percent. (DESIGN.md's 1,282 predates this parser.)
 
 Parsed records are cached as a parquet file in the asset cache (parsing takes about a second;
 reading the cache a tenth of that) and returned as a Hugging Face `datasets.Dataset`.

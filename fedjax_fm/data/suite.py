@@ -413,7 +413,8 @@ def build_suite(groups: Sequence[Mapping[str, object]], *, seed: int = 0,
   return FederationSuite(tuple(built))
 
 
-def default_suite(seed: int = 0, tokenizer: text_lib.TextTokenizer | None = None) -> FederationSuite:
+def default_suite(seed: int = 0,
+                  tokenizer: text_lib.TextTokenizer | None = None) -> FederationSuite:
   """All six groups at modest sizes (about 120 clients; builds in a few seconds on a CPU)."""
   return build_suite([
       {"builder": "digits_classification",
