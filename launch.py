@@ -20,6 +20,7 @@ from ml_collections import config_flags
 from fedjax_fm import algorithms, data, models, roles, rundir, sharding
 from fedjax_fm.algorithm import ClientExecution, default_execution
 from fedjax_fm.checkpoint import CheckpointError
+from fedjax_fm.data import suite
 from fedjax_fm.evaluate import make_evaluator
 from fedjax_fm.train import train
 
@@ -36,10 +37,30 @@ flags.DEFINE_bool("fallback_checkpoint", False, "If the last checkpoint is damag
 FLAGS = flags.FLAGS
 
 
+def _digits(config):
+  arrays = data.load_digits_arrays()
+  partition = data.PartitionConfig.from_mapping(config.data.partition)
+  parts = data.make_partition(partition, config.seed, labels=arrays["y"])
+  return data.split_clients(arrays, parts, config.data.test_fraction, config.seed)
+
+
+def _shakespeare_play(config):
+  d = config.data
+  train, test, _ = suite.minilm_play_classification(
+      config.seed, num_clients=d.partition.num_clients, alpha=d.partition.alpha,
+      num_plays=d.num_plays, max_length=d.max_length, examples_per_play=d.examples_per_play,
+      test_fraction=d.test_fraction)
+  return train, test
+
+
+DATASETS = {"digits": _digits, "shakespeare_play": _shakespeare_play}
+
+
 def build_data(config):
-  if config.data.name != "digits":
-    raise ValueError(f"unknown data set {config.data.name!r}; available: ['digits']")
-  return data.digits_federation(config.data.num_clients, config.seed, config.data.test_fraction)
+  """(train, test) federations of `config.data.name`, each client with its own test split."""
+  if config.data.name not in DATASETS:
+    raise ValueError(f"unknown data set {config.data.name!r}; available: {sorted(DATASETS)}")
+  return DATASETS[config.data.name](config)
 
 
 def build_model(config, train_data):

@@ -16,7 +16,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.rounds = 200
-  c.data = ml_collections.ConfigDict(dict(name="digits", num_clients=50, test_fraction=0.2))
+  # partition: iid | dirichlet (alpha) | shards (shards_per_client) | quantity (alpha);
+  # see fedjax_fm.data.PartitionConfig.
+  c.data = ml_collections.ConfigDict(dict(
+      name="digits", test_fraction=0.2,
+      partition=dict(kind="iid", num_clients=50, alpha=0.5, shards_per_client=2)))
   c.model = ml_collections.ConfigDict(dict(name="mlp", hidden=(64,)))
   c.algorithm = ml_collections.ConfigDict(dict(
       name="fedavg", hparams=ml_collections.ConfigDict(dict(client_lr=0.1))))
@@ -31,7 +35,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.execution = ml_collections.ConfigDict(dict(strategy="vmap", chunk_size=8, scan_unroll=1))
   if arg == "tiny":
     c.rounds = 3
-    c.data.num_clients = 8
+    c.data.partition.num_clients = 8
     c.cohort_size = 4
     c.eval_every = 3
   elif arg:

@@ -91,6 +91,8 @@ def test_unknown_config_key_is_one_line_not_a_traceback():
     ("model.name", "resnet", r"unknown model 'resnet'; available: \['cnn', 'mlp'\]"),
     ("data.name", "mnist", r"unknown data set 'mnist'; available: \[.*'digits'"),
     ("algorithm.name", "fedsgd", r"unknown algorithm 'fedsgd'; choose one of \[.*'fedavg'"),
+    ("data.partition.kind", "zipf", r"unknown partition kind 'zipf'; available: \['iid'"),
+    ("data.partition.num_clients", 2000, r"num_clients.*1797"),
 ])
 def test_bad_values_are_refused_before_anything_is_written(key, value, match, tmp_path):
   config = _load(os.path.join(ROOT, "configs", "default.py")).get_config("tiny")
@@ -99,3 +101,21 @@ def test_bad_values_are_refused_before_anything_is_written(key, value, match, tm
   with pytest.raises(ValueError, match=match):
     launch.run(config, str(workdir), progress=False)
   assert not workdir.exists()
+
+
+def test_partition_that_leaves_a_client_empty_is_refused(tmp_path):
+  config = _load(os.path.join(ROOT, "configs", "default.py")).get_config("tiny")
+  config.data.partition.update(kind="dirichlet", num_clients=400, alpha=0.001)
+  with pytest.raises(ValueError, match="leaves client .* with no examples; lower num_clients"):
+    launch.run(config, str(tmp_path / "run"), progress=False)
+  assert not (tmp_path / "run").exists()
+
+
+def test_missing_data_files_name_the_fetch_command(tmp_path, monkeypatch):
+  monkeypatch.setenv("FEDJAX_FM_CACHE", str(tmp_path / "empty"))
+  config = _load(os.path.join(ROOT, "configs", "default.py")).get_config("tiny")
+  config.data = dict(name="shakespeare_play", test_fraction=0.2, num_plays=4, max_length=16,
+                     examples_per_play=20, partition=dict(num_clients=4, alpha=0.5))
+  with pytest.raises(FileNotFoundError, match=r"not in the cache.*-m fedjax_fm.assets"):
+    launch.run(config, str(tmp_path / "run"), progress=False)
+  assert not (tmp_path / "run").exists()
