@@ -30,7 +30,10 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 from fedjax_fm import roles as roles_lib
+from fedjax_fm.models.tasks import functional
 from fedjax_fm.models.transformer import TransformerConfig, TransformerModel, parameter_component
+
+PyTree = Any
 
 SUPPORTED_MODEL_TYPES = ("bert", "roberta", "vit", "vilt")
 CONFIG_FILE = "config.json"
@@ -260,18 +263,25 @@ def _listing(items: list[str], limit: int = 12) -> str:
   return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
 
 
-def load_backbone(model: TransformerModel, tensors: Mapping[str, np.ndarray], model_type: str,
-                  *, source: str = "the checkpoint") -> TransformerModel:
-  """Copies checkpoint tensors into `model`'s backbone (adapters, LoRA and head untouched).
+def checkpoint_values(params: PyTree, tensors: Mapping[str, np.ndarray], model_type: str,
+                      config: TransformerConfig, *,
+                      source: str = "the checkpoint") -> dict[str, np.ndarray]:
+  """The checkpoint's value for every backbone leaf of `params`, by path, in our layout.
+
+  Args:
+    params: the model's parameter tree; its leaves only need `.shape` (arrays or
+      `jax.ShapeDtypeStruct`s from `nnx.eval_shape`).
+    tensors: checkpoint key -> array.
+    model_type: the checkpoint's model_type (picks the name mapping).
+    config: the model's config.
+    source: how to name the checkpoint in errors.
 
   Raises:
     ValueError: naming every missing key, unexpected key and shape mismatch at once.
   """
-  mapping = hf_parameter_map(model_type, model.config)
+  mapping = hf_parameter_map(model_type, config)
   tensors = _strip_task_prefix(dict(tensors), model_type)
   wanted = {theirs for theirs, _ in mapping.values()}
-  graphdef, state = nnx.split(model)
-  params = nnx.to_pure_dict(state)
   ours = {roles_lib.leaf_path(p): x for p, x in jax.tree_util.tree_leaves_with_path(params)}
   backbone = {p for p in ours if parameter_component(p) == "backbone"}
   unmapped = sorted(backbone - set(mapping))
@@ -280,7 +290,7 @@ def load_backbone(model: TransformerModel, tensors: Mapping[str, np.ndarray], mo
 
   missing = sorted(wanted - set(tensors))
   unexpected = sorted(k for k in tensors if k not in wanted and not _ignored(k))
-  mismatched, converted = [], {}
+  mismatched, values = [], {}
   for path, (theirs, convert) in mapping.items():
     if theirs not in tensors:
       continue
@@ -293,24 +303,56 @@ def load_backbone(model: TransformerModel, tensors: Mapping[str, np.ndarray], mo
       mismatched.append(f"{theirs} {tuple(raw.shape)} vs model {path} "
                         f"{tuple(ours[path].shape)}")
       continue
-    converted[path] = value
+    values[path] = value
   if missing or unexpected or mismatched:
     raise ValueError(
         f"{source} does not match the {model_type} model of its config.json: "
         f"missing keys [{_listing(missing)}]; unexpected keys [{_listing(unexpected)}]; "
         f"shape mismatches [{_listing(mismatched)}]; check that config.json and the weights "
         "belong together")
+  return values
+
+
+def load_backbone(model: TransformerModel, tensors: Mapping[str, np.ndarray], model_type: str,
+                  *, source: str = "the checkpoint") -> TransformerModel:
+  """`model` with its backbone replaced by checkpoint tensors (adapters, LoRA, head kept).
+
+  Raises:
+    ValueError: naming every missing key, unexpected key and shape mismatch at once.
+  """
+  graphdef, params = functional(model)
+  values = checkpoint_values(params, tensors, model_type, model.config, source=source)
+  return nnx.merge(graphdef, _fill(params, values))
+
+
+def _fill(params: PyTree, values: Mapping[str, Any]) -> PyTree:
+  """`params` with the leaves named in `values` (path -> array) replaced, cast to their dtype."""
 
   def fill(path, x):
     p = roles_lib.leaf_path(path)
-    if p not in converted:
+    if p not in values:
+      if isinstance(x, jax.ShapeDtypeStruct):
+        raise ValueError(f"parameter {p} got no value")  # a bug: every leaf must be set
       return x
-    return jnp.asarray(np.asarray(converted[p], dtype=np.float32), dtype=x.dtype)
+    return jnp.asarray(np.asarray(values[p], dtype=np.float32), dtype=x.dtype)
 
-  params = jax.tree_util.tree_map_with_path(fill, params)
-  return nnx.merge(graphdef, params)
+  return jax.tree_util.tree_map_with_path(fill, params)
 
 
+def _fresh_parameters(build: Callable[[], TransformerModel]) -> dict[str, jax.Array]:
+  """Initial values of the parts a checkpoint does not hold (adapters, LoRA, head), by path.
+
+  The whole model is initialised inside one jit whose outputs are only those parts, so XLA
+  drops the backbone's random initialisation: no time or memory is spent on values the
+  checkpoint overwrites.
+  """
+
+  def init():
+    _, params = functional(build())
+    return {roles_lib.leaf_path(p): x for p, x in jax.tree_util.tree_leaves_with_path(params)
+            if parameter_component(roles_lib.leaf_path(p)) != "backbone"}
+
+  return jax.jit(init)()
 def from_pretrained(path: str, *, adapters: Any = None, lora: Any = None, head: Any = None,
                     dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, seed: int = 0,
                     config_overrides: Mapping[str, Any] | None = None) -> TransformerModel:
@@ -346,7 +388,11 @@ def from_pretrained(path: str, *, adapters: Any = None, lora: Any = None, head: 
       raise ValueError(f"config_overrides {unknown} are not TransformerConfig fields")
     config = dataclasses.replace(config, **config_overrides)
   tensors = read_safetensors(path)
-  # Random backbone values are built and then overwritten: simple, and cheap next to reading
-  # the checkpoint for the encoder sizes this library fine-tunes.
-  model = TransformerModel(config, rngs=nnx.Rngs(seed), adapters=adapters, lora=lora, head=head)
-  return load_backbone(model, tensors, hf["model_type"], source=path)
+  build = lambda: TransformerModel(config, rngs=nnx.Rngs(seed), adapters=adapters, lora=lora,
+                                   head=head)
+  # The structure without computing any values; the backbone comes from the checkpoint and
+  # only the fresh parts are initialised.
+  graphdef, shapes = functional(nnx.eval_shape(build))
+  values = checkpoint_values(shapes, tensors, hf["model_type"], config, source=path)
+  values.update(_fresh_parameters(build))
+  return nnx.merge(graphdef, _fill(shapes, values))
