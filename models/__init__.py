@@ -5,6 +5,7 @@ from fedjax_fm.models.cnn import MLP, SimpleCNN
 from fedjax_fm.models.embedders import PatchEmbeddings, TextEmbeddings, VisionTextEmbeddings
 from fedjax_fm.models.heads import (AnswerScoringHead, ClassificationHead, DensePredictionHead,
                                     ImageReconstructionHead, TokenPredictionHead, build_head)
+from fedjax_fm.models.partitioning import param_shardings, shard_params
 from fedjax_fm.models.pretrained import config_from_hf, from_pretrained
 from fedjax_fm.models.tasks import classification_loss, functional
 from fedjax_fm.models.transformer import (BACKBONE_PATTERN, Encoder, TransformerConfig,
@@ -17,5 +18,5 @@ __all__ = [
     "LoRAConfig", "MLP", "PatchEmbeddings", "SimpleCNN", "TextEmbeddings", "TokenPredictionHead",
     "TransformerConfig", "TransformerModel", "VisionTextEmbeddings", "build_head",
     "classification_loss", "config_from_hf", "from_pretrained", "functional",
-    "parameter_component", "transformer_roles",
+    "param_shardings", "parameter_component", "shard_params", "transformer_roles",
 ]

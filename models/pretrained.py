@@ -21,10 +21,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import struct
 from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from flax import nnx
 from safetensors.numpy import load_file
@@ -223,6 +225,42 @@ def read_hf_config(path: str) -> dict[str, Any]:
     return json.load(f)
 
 
+# safetensors dtype names -> numpy dtypes, for the files numpy's own loader refuses (bfloat16).
+_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
+                       "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32,
+                       "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+def _load_safetensors_file(file: str) -> dict[str, np.ndarray]:
+  """One .safetensors file as numpy arrays.
+
+  safetensors' numpy API cannot build bfloat16 arrays (numpy has no such dtype), yet many
+  checkpoints are stored in bf16; those files are parsed here directly (8-byte little-endian
+  header size, JSON header of dtype/shape/byte offsets, raw little-endian data), with
+  ml_dtypes' bfloat16.
+  """
+  try:
+    return load_file(file)
+  except TypeError:
+    pass
+  with open(file, "rb") as f:
+    (header_size,) = struct.unpack("<Q", f.read(8))
+    header = json.loads(f.read(header_size))
+    data = f.read()
+  tensors = {}
+  for key, meta in header.items():
+    if key == "__metadata__":
+      continue
+    if meta["dtype"] not in _SAFETENSORS_DTYPES:
+      raise ValueError(f"{file}: tensor {key} has dtype {meta['dtype']}, which this loader "
+                       f"does not read; convert the checkpoint to one of "
+                       f"{sorted(_SAFETENSORS_DTYPES)}")
+    start, end = meta["data_offsets"]
+    dtype = np.dtype(_SAFETENSORS_DTYPES[meta["dtype"]]).newbyteorder("<")
+    tensors[key] = np.frombuffer(data[start:end], dtype).reshape(meta["shape"])
+  return tensors
+
+
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
   """All tensors of a checkpoint folder (single or sharded safetensors) as numpy arrays.
 
@@ -231,7 +269,7 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
   """
   single = os.path.join(path, WEIGHTS_FILE)
   if os.path.isfile(single):
-    return load_file(single)
+    return _load_safetensors_file(single)
   index = os.path.join(path, WEIGHTS_INDEX_FILE)
   if not os.path.isfile(index):
     raise FileNotFoundError(f"no {WEIGHTS_FILE} (or {WEIGHTS_INDEX_FILE}) in {path!r}; save "
@@ -240,7 +278,7 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
     shards = sorted(set(json.load(f)["weight_map"].values()))
   tensors: dict[str, np.ndarray] = {}
   for shard in shards:
-    tensors.update(load_file(os.path.join(path, shard)))
+    tensors.update(_load_safetensors_file(os.path.join(path, shard)))
   return tensors
 
 

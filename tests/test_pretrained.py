@@ -6,6 +6,7 @@ Tiny random BERT, RoBERTa, ViT and ViLT models are saved with save_pretrained an
 checkpoints must fail with the missing / unexpected / mismatched keys named.
 """
 
+import copy
 import json
 import os
 import shutil
@@ -131,6 +132,20 @@ def test_task_checkpoint_loads_its_encoder(tmp_path):
   with torch.no_grad():
     expected = reference.bert(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
                               token_type_ids=torch.tensor(token_types)).last_hidden_state.numpy()
+  got = _ours(from_pretrained(str(tmp_path)), input_ids=ids, attention_mask=mask,
+              token_type_ids=token_types)
+  np.testing.assert_allclose(got, expected, atol=TOL, rtol=0)
+
+
+def test_bfloat16_checkpoint(tiny, tmp_path):
+  # Stored in bf16 (numpy's safetensors API cannot read it); computed in float32 by both sides.
+  _, reference = tiny["bert"]
+  copy.deepcopy(reference).to(torch.bfloat16).save_pretrained(str(tmp_path))  # fixture unchanged
+  rounded = transformers.AutoModel.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+  ids, mask, token_types = _text_batch(0)
+  with torch.no_grad():
+    expected = rounded(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                       token_type_ids=torch.tensor(token_types)).last_hidden_state.numpy()
   got = _ours(from_pretrained(str(tmp_path)), input_ids=ids, attention_mask=mask,
               token_type_ids=token_types)
   np.testing.assert_allclose(got, expected, atol=TOL, rtol=0)

@@ -1,6 +1,8 @@
 """The NNX transformer: masks, dropout, adapters (mixed), LoRA, heads, roles, and vmap over
 clients' trainable parameters with one closed-over frozen backbone. Tiny configs, CPU."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -123,7 +125,6 @@ def _reference_layer(p, x, mask, pre_norm, heads=4, eps=1e-12):
 
 @pytest.mark.parametrize("pre_norm", [False, True])
 def test_encoder_layer_matches_the_equations(pre_norm):
-  import dataclasses
   config = dataclasses.replace(TEXT, pre_norm=pre_norm)
   layer = transformer.EncoderLayer(config, rngs=nnx.Rngs(0))
   graphdef, state = nnx.split(layer)
@@ -138,7 +139,6 @@ def test_encoder_layer_matches_the_equations(pre_norm):
 
 
 def test_pre_ln_adds_a_final_layer_norm():
-  import dataclasses
   post = TransformerModel(TEXT, rngs=nnx.Rngs(0))
   pre = TransformerModel(dataclasses.replace(TEXT, pre_norm=True), rngs=nnx.Rngs(0))
   assert _paths(functional(pre)[1]) == sorted(
@@ -155,7 +155,6 @@ def test_dropout_only_with_an_rng():
   np.testing.assert_array_equal(train_a, train_b)
   assert np.abs(np.asarray(train_a - eval_a)).max() > 1e-3
   assert np.abs(np.asarray(train_a - train_c)).max() > 1e-3
-  import dataclasses
   no_dropout = _jit(TransformerModel(dataclasses.replace(TEXT, hidden_dropout=0.0,
                                                          attention_dropout=0.0),
                                      rngs=nnx.Rngs(0)))
