@@ -1,8 +1,8 @@
 """Runs a federated experiment from a config file.
 
-  python launch.py                                            # the embedded default
-  python launch.py --config configs/default.py:tiny --config.rounds=3 --workdir runs/x
-  python launch.py --config configs/default.py:tiny --config.rounds=6 --workdir runs/x --resume
+  python launch.py                                  # the default: MiniLM + adapters, FedAvg
+  python launch.py --config configs/digits.py:tiny --config.rounds=3 --workdir runs/x
+  python launch.py --config configs/digits.py:tiny --config.rounds=6 --workdir runs/x --resume
 
 This file is the one place a config becomes objects (`build_*`); the loop is `fedjax_fm.train`.
 Configuration mistakes end in one line naming the problem and the fix, with exit status 1, before
@@ -13,11 +13,12 @@ import os
 import sys
 
 import jax
+import jax.numpy as jnp
 from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
-from fedjax_fm import algorithms, data, models, roles, rundir, sharding
+from fedjax_fm import algorithms, assets, data, models, roles, rundir, sharding
 from fedjax_fm.algorithm import ClientExecution, default_execution
 from fedjax_fm.checkpoint import CheckpointError
 from fedjax_fm.data import suite
@@ -49,7 +50,7 @@ def _shakespeare_play(config):
   train, test, _ = suite.minilm_play_classification(
       config.seed, num_clients=d.partition.num_clients, alpha=d.partition.alpha,
       num_plays=d.num_plays, max_length=d.max_length, examples_per_play=d.examples_per_play,
-      test_fraction=d.test_fraction)
+      test_fraction=d.test_fraction, unit=d.unit)
   return train, test
 
 
@@ -63,18 +64,49 @@ def build_data(config):
   return DATASETS[config.data.name](config)
 
 
-def build_model(config, train_data):
+TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def _small_model(config, train_data):
   example = train_data.arrays["x"]
   num_classes = int(train_data.arrays["y"].max()) + 1
   rngs = nnx.Rngs(config.seed)
   if config.model.name == "mlp":
     model = models.MLP(int(example[0].size), num_classes, hidden=tuple(config.model.hidden),
                        rngs=rngs)
-  elif config.model.name == "cnn":
-    model = models.SimpleCNN(example.shape[1:], num_classes, rngs=rngs)
   else:
-    raise ValueError(f"unknown model {config.model.name!r}; available: ['cnn', 'mlp']")
-  return models.functional(model)
+    model = models.SimpleCNN(example.shape[1:], num_classes, rngs=rngs)
+  graphdef, params = models.functional(model)
+  return graphdef, params, roles.assign_roles(params), "x"
+
+
+def _pretrained(config, train_data):
+  m = config.model
+  path = assets.path("all-minilm-l6-v2", download=True) if m.name == "minilm" else m.path
+  if not path:
+    raise ValueError("config.model.path must name a local Hugging Face folder for "
+                     "model.name='pretrained'")
+  head = dict(m.head.to_dict(), num_classes=int(train_data.arrays["y"].max()) + 1)
+  dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+  if m.dtype not in dtypes:
+    raise ValueError(f"unknown config.model.dtype {m.dtype!r}; use one of {sorted(dtypes)}")
+  model = models.from_pretrained(path, adapters=m.adapters.to_dict(), head=head,
+                                 dtype=dtypes[m.dtype], seed=config.seed)
+  graphdef, params = models.functional(model)
+  role_tree = models.transformer_roles(params, trainable=tuple(m.trainable),
+                                       personal=tuple(m.personal))
+  return graphdef, params, role_tree, TEXT_INPUTS
+
+
+MODELS = {"mlp": _small_model, "cnn": _small_model, "minilm": _pretrained,
+          "pretrained": _pretrained}
+
+
+def build_model(config, train_data):
+  """(graphdef, params, roles, input keys) of `config.model.name`."""
+  if config.model.name not in MODELS:
+    raise ValueError(f"unknown model {config.model.name!r}; available: {sorted(MODELS)}")
+  return MODELS[config.model.name](config, train_data)
 
 
 def build_execution(config, mesh):
@@ -86,9 +118,12 @@ def build_execution(config, mesh):
 
 def check_config(config):
   """Value checks no builder makes on its own."""
-  for name in ("rounds", "batch_size", "cohort_size", "local_epochs", "eval_every"):
-    if not config[name] > 0:
+  for name in ("rounds", "batch_size", "cohort_size", "eval_every", "local_steps",
+               "local_epochs"):
+    if config[name] is not None and not config[name] > 0:
       raise ValueError(f"config.{name} must be positive, got {config[name]}")
+  if (config.local_steps is None) == (config.local_epochs is None):
+    raise ValueError("set exactly one of config.local_steps and config.local_epochs")
   for name, value in config.algorithm.hparams.items():
     if name.endswith("lr") and not value > 0:
       raise ValueError(f"learning rate config.algorithm.hparams.{name} must be positive, got "
@@ -100,10 +135,10 @@ def run(config, workdir=None, *, resume=False, overwrite=False, allow_config_cha
   """Builds everything from `config` and trains; returns the metric history."""
   check_config(config)
   train_data, test_data = build_data(config)
-  graphdef, params = build_model(config, train_data)
+  graphdef, params, role_tree, input_keys = build_model(config, train_data)
   mesh = sharding.make_mesh(tuple(tuple(a) for a in config.mesh))
-  alg = algorithms.build(config.algorithm.name, models.classification_loss(graphdef),
-                         roles.assign_roles(params), params, build_execution(config, mesh),
+  alg = algorithms.build(config.algorithm.name, models.classification_loss(graphdef, input_keys),
+                         role_tree, params, build_execution(config, mesh),
                          **config.algorithm.hparams.to_dict())
   if config.cohort_size > train_data.num_clients:
     raise ValueError(f"config.cohort_size={config.cohort_size} is larger than the "
@@ -113,9 +148,11 @@ def run(config, workdir=None, *, resume=False, overwrite=False, allow_config_cha
                    allow_config_change=allow_config_change)
   elif resume:
     raise ValueError("--resume needs the --workdir of the run to continue")
-  evaluate = make_evaluator(models.classification_loss(graphdef, train=False), test_data)
+  evaluate = make_evaluator(models.classification_loss(graphdef, input_keys, train=False),
+                            test_data)
   return train(alg, params, train_data, rounds=config.rounds, cohort_size=config.cohort_size,
-               batch_size=config.batch_size, local_epochs=config.local_epochs, seed=config.seed,
+               batch_size=config.batch_size, local_steps=config.local_steps,
+               local_epochs=config.local_epochs, seed=config.seed,
                mesh=mesh, evaluate=evaluate, eval_every=config.eval_every, workdir=workdir,
                checkpoint_every=config.checkpoint_every, keep_checkpoints=config.keep_checkpoints,
                resume=resume, fallback_checkpoint=fallback_checkpoint, progress=progress)

@@ -40,6 +40,9 @@ def make_evaluator(loss_fn: LossFn, test: FederatedData, batch_size: int = 64,
     raise ValueError(f"unknown evaluation modes {sorted(unknown)}; use 'personalized' and/or "
                      "'global'")
   n = test.num_clients
+  # Every client is padded to the same [steps, batch]; with small test splits a batch larger
+  # than the largest client would be mostly padding, computed for nothing.
+  batch_size = max(1, min(batch_size, int(np.max(test.sizes, initial=1))))
   steps = steps_for_epochs(np.maximum(test.sizes, 1), batch_size, 1)
   batches = make_cohort(test, np.arange(n), steps=steps, batch_size=batch_size, seed=0,
                         round_num=0, epochs=1)

@@ -6,7 +6,7 @@ definition and a dict of parameters, and the loss merges them back inside the tr
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -22,17 +22,25 @@ def functional(model: nnx.Module) -> tuple[nnx.GraphDef, PyTree]:
   return graphdef, nnx.to_pure_dict(state)
 
 
-def classification_loss(graphdef: nnx.GraphDef, input_key: str = "x", label_key: str = "y",
-                        train: bool = True):
+def classification_loss(graphdef: nnx.GraphDef, input_keys: str | Sequence[str] = "x",
+                        label_key: str = "y", train: bool = True):
   """Softmax cross-entropy with an `accuracy` metric; dropout on when `train` is True.
+
+  Args:
+    graphdef: the model's graph definition (`functional`).
+    input_keys: the batch keys passed positionally to the model, e.g. "x" for an image model or
+      ("input_ids", "attention_mask", "token_type_ids") for a text transformer.
+    label_key: the batch key of the integer labels.
+    train: dropout on (the round's key is passed as `rng=`) or off.
 
   Returns:
     loss_fn(params, batch, rng) -> (per-example loss [B], {"accuracy": [B]}).
   """
+  keys = (input_keys,) if isinstance(input_keys, str) else tuple(input_keys)
 
   def loss_fn(params: PyTree, batch, rng):
     model = nnx.merge(graphdef, params)
-    logits = model(batch[input_key], rng if train else None)
+    logits = model(*(batch[k] for k in keys), rng=rng if train else None)
     labels = batch[label_key]
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     accuracy = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)

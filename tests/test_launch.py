@@ -44,8 +44,8 @@ def test_every_tiny_variant_runs_two_rounds(path, tmp_path):
   assert (tmp_path / "config.json").exists()
 
 
-def test_default_experiment_learns():
-  config = _load(os.path.join(ROOT, "configs", "default.py")).get_config()
+def test_digits_experiment_learns():
+  config = _load(os.path.join(ROOT, "configs", "digits.py")).get_config()
   config.rounds = 40
   history = launch.run(config, progress=False)
   assert history[-1]["personalized/accuracy"] > 0.8  # chance is 0.1
@@ -54,14 +54,14 @@ def test_default_experiment_learns():
 def test_bad_config_exits_nonzero_with_one_line():
   proc = subprocess.run(
       [sys.executable, os.path.join(ROOT, "launch.py"), "--config",
-       os.path.join(ROOT, "configs", "default.py:tiny"), "--config.algorithm.name=fedsgd"],
+       os.path.join(ROOT, "configs", "digits.py:tiny"), "--config.algorithm.name=fedsgd"],
       capture_output=True, text=True, cwd=ROOT, timeout=300)
   assert proc.returncode != 0
   assert "unknown algorithm 'fedsgd'" in proc.stderr.strip().splitlines()[-1]
 
 
 def test_unknown_hyperparameter_names_the_accepted_ones():
-  config = _load(os.path.join(ROOT, "configs", "default.py")).get_config("tiny")
+  config = _load(os.path.join(ROOT, "configs", "digits.py")).get_config("tiny")
   config.algorithm.hparams.learning_rate = 0.1
   with pytest.raises(ValueError, match="takes no hyperparameter.*client_lr"):
     launch.run(config)
@@ -70,7 +70,7 @@ def test_unknown_hyperparameter_names_the_accepted_ones():
 def _launch(*args, **env):
   return subprocess.run(
       [sys.executable, os.path.join(ROOT, "launch.py"), "--config",
-       os.path.join(ROOT, "configs", "default.py:tiny"), *args],
+       os.path.join(ROOT, "configs", "digits.py:tiny"), *args],
       capture_output=True, text=True, cwd=ROOT, timeout=300, env={**os.environ, **env})
 
 
@@ -88,14 +88,14 @@ def test_unknown_config_key_is_one_line_not_a_traceback():
     ("batch_size", -8, "config.batch_size must be positive"),
     ("algorithm.hparams.client_lr", 0.0, "learning rate .*client_lr must be positive"),
     ("cohort_size", 9, r"cohort_size=9 is larger than the 8 clients"),
-    ("model.name", "resnet", r"unknown model 'resnet'; available: \['cnn', 'mlp'\]"),
+    ("model.name", "resnet", r"unknown model 'resnet'; available: \['cnn', 'minilm', 'mlp', 'pretrained'\]"),
     ("data.name", "mnist", r"unknown data set 'mnist'; available: \[.*'digits'"),
     ("algorithm.name", "fedsgd", r"unknown algorithm 'fedsgd'; choose one of \[.*'fedavg'"),
     ("data.partition.kind", "zipf", r"unknown partition kind 'zipf'; available: \['iid'"),
     ("data.partition.num_clients", 2000, r"num_clients.*1797"),
 ])
 def test_bad_values_are_refused_before_anything_is_written(key, value, match, tmp_path):
-  config = _load(os.path.join(ROOT, "configs", "default.py")).get_config("tiny")
+  config = _load(os.path.join(ROOT, "configs", "digits.py")).get_config("tiny")
   config.update_from_flattened_dict({key: value})
   workdir = tmp_path / "run"
   with pytest.raises(ValueError, match=match):
@@ -104,18 +104,21 @@ def test_bad_values_are_refused_before_anything_is_written(key, value, match, tm
 
 
 def test_partition_that_leaves_a_client_empty_is_refused(tmp_path):
-  config = _load(os.path.join(ROOT, "configs", "default.py")).get_config("tiny")
+  config = _load(os.path.join(ROOT, "configs", "digits.py")).get_config("tiny")
   config.data.partition.update(kind="dirichlet", num_clients=400, alpha=0.001)
   with pytest.raises(ValueError, match="leaves client .* with no examples; lower num_clients"):
     launch.run(config, str(tmp_path / "run"), progress=False)
   assert not (tmp_path / "run").exists()
 
 
-def test_missing_data_files_name_the_fetch_command(tmp_path, monkeypatch):
-  monkeypatch.setenv("FEDJAX_FM_CACHE", str(tmp_path / "empty"))
-  config = _load(os.path.join(ROOT, "configs", "default.py")).get_config("tiny")
-  config.data = dict(name="shakespeare_play", test_fraction=0.2, num_plays=4, max_length=16,
-                     examples_per_play=20, partition=dict(num_clients=4, alpha=0.5))
-  with pytest.raises(FileNotFoundError, match=r"not in the cache.*-m fedjax_fm.assets"):
-    launch.run(config, str(tmp_path / "run"), progress=False)
+def test_missing_data_files_name_the_fetch_command(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "launch.py"), "--config",
+       os.path.join(ROOT, "configs", "default.py:tiny"), "--workdir", str(tmp_path / "run")],
+      capture_output=True, text=True, cwd=ROOT, timeout=300,
+      env={**os.environ, "FEDJAX_FM_CACHE": str(tmp_path / "empty")})
+  assert proc.returncode != 0
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and "not in the cache" in lines[0], proc.stderr[-800:]
+  assert "-m fedjax_fm.assets" in lines[0]
   assert not (tmp_path / "run").exists()

@@ -17,7 +17,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import launch
-from configs import default as default_config
+from configs import digits as default_config
 from fedjax_fm import report
 from fedjax_fm.checkpoint import CheckpointError, Checkpointer
 
@@ -102,7 +102,7 @@ def test_resume_ends_bit_identical_to_an_uninterrupted_run(uninterrupted, tmp_pa
 def test_resume_after_a_real_kill(uninterrupted, tmp_path):
   """SIGKILL a launched run once a checkpoint exists; --resume finishes with the same numbers."""
   cmd = [sys.executable, os.path.join(ROOT, "launch.py"), "--config",
-         os.path.join(ROOT, "configs", "default.py:tiny"), "--workdir", str(tmp_path),
+         os.path.join(ROOT, "configs", "digits.py:tiny"), "--workdir", str(tmp_path),
          "--config.algorithm.name=fedper", "--config.rounds=6", "--config.eval_every=3",
          "--config.checkpoint_every=3"]
   env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=8")

@@ -432,10 +432,12 @@ def minilm_play_classification(seed: int = 0, *, num_clients: int = 32, alpha: f
                                num_plays: int = 8, max_length: int = 32,
                                examples_per_play: int | None = 400, test_fraction: float = 0.2,
                                tokenizer: text_lib.TextTokenizer | None = None,
+                               unit: str = "line",
                                ) -> tuple[FederatedData, FederatedData, GroupSpec]:
   """A text-classification federation for a quick MiniLM adapter fine-tuning run on a CPU.
 
-  Shakespeare lines (at least 20 characters) labelled with their play among the `num_plays`
+  Shakespeare lines or whole speeches (`unit`; at least 20 characters) labelled with their play
+  among the `num_plays`
   plays with the most lines, `examples_per_play` of each, tokenised with the all-MiniLM-L6-v2
   tokenizer at `max_length`, dealt to `num_clients` clients with Dirichlet(`alpha`) label skew
   (Hsu et al. 2019), each with its own train/test split.
@@ -450,7 +452,7 @@ def minilm_play_classification(seed: int = 0, *, num_clients: int = 32, alpha: f
   tokenizer = tokenizer or text_lib.minilm_tokenizer(max_length)
   group = shakespeare_classification_group(
       partition_lib.PartitionConfig("dirichlet", num_clients, alpha=alpha), seed=seed,
-      test_fraction=test_fraction, tokenizer=tokenizer, target="play", unit="line",
+      test_fraction=test_fraction, tokenizer=tokenizer, target="play", unit=unit,
       num_classes=num_plays, examples_per_class=examples_per_play,
       name="shakespeare_play_classification")
   return group.train, group.test, group.spec
