@@ -90,8 +90,11 @@ def _pretrained(config, train_data):
   dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
   if m.dtype not in dtypes:
     raise ValueError(f"unknown config.model.dtype {m.dtype!r}; use one of {sorted(dtypes)}")
+  overrides = ({} if m.dropout is None else
+               {"hidden_dropout": m.dropout, "attention_dropout": m.dropout})
   model = models.from_pretrained(path, adapters=m.adapters.to_dict(), head=head,
-                                 dtype=dtypes[m.dtype], seed=config.seed)
+                                 dtype=dtypes[m.dtype], seed=config.seed,
+                                 config_overrides=overrides)
   graphdef, params = models.functional(model)
   role_tree = models.transformer_roles(params, trainable=tuple(m.trainable),
                                        personal=tuple(m.personal))
@@ -150,12 +153,16 @@ def run(config, workdir=None, *, resume=False, overwrite=False, allow_config_cha
     raise ValueError("--resume needs the --workdir of the run to continue")
   evaluate = make_evaluator(models.classification_loss(graphdef, input_keys, train=False),
                             test_data)
+  # A mesh with an `fsdp` axis splits the frozen backbone over it (one copy, never per client).
+  shardings = (models.param_shardings(params, mesh, role_tree)
+               if "fsdp" in mesh.axis_names else None)
   return train(alg, params, train_data, rounds=config.rounds, cohort_size=config.cohort_size,
                batch_size=config.batch_size, local_steps=config.local_steps,
                local_epochs=config.local_epochs, seed=config.seed,
                mesh=mesh, evaluate=evaluate, eval_every=config.eval_every, workdir=workdir,
                checkpoint_every=config.checkpoint_every, keep_checkpoints=config.keep_checkpoints,
-               resume=resume, fallback_checkpoint=fallback_checkpoint, progress=progress)
+               resume=resume, fallback_checkpoint=fallback_checkpoint,
+               param_shardings=shardings, progress=progress)
 
 
 def parse_flags(argv):

@@ -31,7 +31,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       name="minilm", path="",
       adapters=dict(names=("shared",), bottleneck=32, activation="gelu"),
       head=dict(kind="classification", pooling="mean"),
-      trainable=("adapters", "head"), personal=(), dtype="float32"))
+      trainable=("adapters", "head"), personal=(), dtype="float32",
+      dropout=config_dict.placeholder(float)))  # None: the checkpoint's (0.1)
   c.algorithm = ml_collections.ConfigDict(dict(
       name="fedavg", hparams=ml_collections.ConfigDict(dict(client_lr=0.5))))
   c.cohort_size = 8

@@ -1,7 +1,9 @@
 """Compiles an algorithm's round once for a mesh and runs it.
 
 `RoundRunner` wraps `alg.round` in one `jax.jit` with explicit shardings (server state
-replicated, client-stacked state and cohorts sharded over ``clients``), donated state and
+replicated, or its parameters placed as given, e.g. a frozen backbone FSDP-sharded with
+`fedjax_fm.models.partitioning.param_shardings`; client-stacked state and cohorts sharded over
+``clients``), donated state and
 per-backend XLA options (`default_compiler_options`), and counts how often the round was traced
 and compiled: a run must compile its round exactly once.
 """
@@ -46,11 +48,25 @@ class RoundRunner:
   """
 
   def __init__(self, alg: Algorithm, mesh: Mesh, donate: bool = True,
-               compiler_options: dict[str, str] | None = None):
+               compiler_options: dict[str, str] | None = None,
+               param_shardings: PyTree | None = None):
+    """
+    Args:
+      alg: the algorithm.
+      mesh: the device mesh (with a ``clients`` axis).
+      donate: donate the server and client state to the round (halves their memory).
+      compiler_options: XLA options; `default_compiler_options()` if None.
+      param_shardings: shardings of the server parameters (a tree over all parameters, e.g.
+        from `param_shardings(params, mesh, roles)`; leaves whose parameter is absent from the
+        server state are ignored). None: replicated.
+    """
     self.alg, self.mesh = alg, mesh
     self.traces = 0
     rep = sharding.replicated(mesh)
     cs = sharding.client_sharding(mesh)
+    # A ServerState-shaped prefix: parameters as given, everything else replicated.
+    self.server_sharding = rep if param_shardings is None else ServerState(
+        round=rep, params=param_shardings, opt_state=rep, extra=rep)
 
     def traced_round(server, clients, cohort, rng):
       self.traces += 1  # Python side effect: runs once per trace, never per call.
@@ -58,8 +74,8 @@ class RoundRunner:
 
     if compiler_options is None:
       compiler_options = default_compiler_options()
-    self._round = jax.jit(traced_round, in_shardings=(rep, cs, cs, rep),
-                          out_shardings=(rep, cs, rep),
+    self._round = jax.jit(traced_round, in_shardings=(self.server_sharding, cs, cs, rep),
+                          out_shardings=(self.server_sharding, cs, rep),
                           donate_argnums=(0, 1) if donate else (),
                           compiler_options=compiler_options or None)
 
@@ -80,7 +96,7 @@ class RoundRunner:
     # An explicit copy first: device_put(..., may_alias=False) onto a multi-device sharding
     # still lets shard 0 share the source buffer, which the first donated round would delete.
     server, clients = jax.tree_util.tree_map(jnp.copy, (server, clients))
-    server = jax.device_put(server, sharding.replicated(self.mesh), may_alias=False)
+    server = jax.device_put(server, self.server_sharding, may_alias=False)
     clients = jax.device_put(clients, sharding.client_shardings(clients, self.mesh),
                              may_alias=False)
     return server, clients

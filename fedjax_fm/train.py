@@ -42,7 +42,8 @@ def train(alg: Algorithm, params: PyTree, train_data: cohort_lib.FederatedData, 
           evaluate: Callable[[PyTree, PyTree], dict] | None = None, eval_every: int = 10,
           workdir: str | None = None, checkpoint_every: int = 0, keep_checkpoints: int = 3,
           resume: bool = False, fallback_checkpoint: bool = False,
-          client_groups: Sequence[str] | None = None, progress: bool = True) -> list[dict]:
+          client_groups: Sequence[str] | None = None, param_shardings: PyTree | None = None,
+          progress: bool = True) -> list[dict]:
   """Runs rounds of `alg` up to round `rounds` and returns the per-round metric history.
 
   Args:
@@ -63,6 +64,8 @@ def train(alg: Algorithm, params: PyTree, train_data: cohort_lib.FederatedData, 
     resume: continue from the latest complete checkpoint in `workdir`.
     fallback_checkpoint: if that checkpoint is damaged, resume from the one before.
     client_groups: a group name per client, for the per-group rows of the summary.
+    param_shardings: placement of the server parameters (e.g. an FSDP-sharded frozen
+      backbone, `fedjax_fm.models.param_shardings`); replicated if None.
     progress: show a progress bar.
   """
   # ---- arguments: fail before anything is written ----
@@ -79,7 +82,7 @@ def train(alg: Algorithm, params: PyTree, train_data: cohort_lib.FederatedData, 
   steps = local_steps or cohort_lib.steps_for_epochs(train_data.sizes, batch_size, local_epochs)
 
   # ---- state: fresh, or the latest checkpoint ----
-  runner = RoundRunner(alg, mesh)
+  runner = RoundRunner(alg, mesh, param_shardings=param_shardings)
   server, clients = runner.place(
       alg.init(params, jax.random.key(seed)),
       alg.init_clients(params, padded_rows(train_data.num_clients, mesh)))

@@ -147,6 +147,38 @@ def test_fedavg_round_never_stacks_the_backbone():
   assert personal_up.shape == (K, 4, 16) and np.abs(np.asarray(personal_up)).max() > 0
 
 
+def test_round_with_fsdp_sharded_backbone_equals_replicated():
+  """RoundRunner(param_shardings=...) keeps the frozen backbone split over `fsdp` through the
+  round (in and out), and computes what the replicated round computes."""
+  graphdef, params = functional(_model())
+  roles = transformer_roles(params, personal=("adapters/personal",))
+
+  def loss_fn(p, batch, rng):
+    logits = nnx.merge(graphdef, p)(batch["input_ids"], batch["attention_mask"], rng=rng)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]), {}
+
+  alg = fedavg(loss_fn, roles, client_lr=0.1, execution=ClientExecution("vmap"))
+  cohort = Cohort(data=_batch(2, (K, STEPS, BATCH)), mask=jnp.ones((K, STEPS, BATCH)),
+                  weights=jnp.arange(1.0, K + 1), client_ids=jnp.arange(K, dtype=jnp.int32))
+  mesh = sharding.make_mesh((("clients", 2), ("fsdp", 4)))
+  results = []
+  for shardings in (None, partitioning.param_shardings(params, mesh, roles)):
+    runner = RoundRunner(alg, mesh, param_shardings=shardings)
+    server, clients = runner.place(alg.init(params, jax.random.key(0)),
+                                   alg.init_clients(params, K))
+    for r in range(2):
+      server, clients, _ = runner(server, clients, cohort, jax.random.key(r))
+    assert runner.compilations == 1
+    results.append((server, clients))
+  (rep_server, rep_clients), (fsdp_server, fsdp_clients) = results
+  kernel = fsdp_server.params["encoder"]["layers"][0]["mlp"]["fc_in"]["kernel"]
+  assert "fsdp" in kernel.sharding.spec  # still split after two rounds
+  assert len({str(s.index) for s in kernel.addressable_shards}) == 4
+  close = lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+  jax.tree_util.tree_map(close, rep_server.params, fsdp_server.params)
+  jax.tree_util.tree_map(close, rep_clients, fsdp_clients)
+
+
 def test_bf16_compute_is_close_to_fp32():
   bf16 = dataclasses.replace(CONFIG, dtype=jnp.bfloat16)
   g32, p32 = functional(_model(CONFIG))
