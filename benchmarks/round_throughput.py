@@ -21,9 +21,12 @@ Runners, timed side by side in one process on the same pre-built cohorts:
 - ``torch_loop``: a sequential PyTorch loop over clients with one model reloaded per client
   (W1: an NCHW copy of the CNN; W2: HF `BertModel` from the same folder with the same adapters
   and head, backbone requires_grad False), local SGD, weighted FedAvg averaging.
+  ``torch_loop[threads=1]`` runs it with one torch thread (on a CPU shared with another
+  process, two OpenMP threads can be many times slower than one).
 
 Reported per runner: seconds per round (median over the timed rounds, after warm-up rounds that
-include compilation), client-steps/s, the ratio to the default fedjax_fm row and to torch_loop,
+include compilation), client-steps/s, the ratio to the default fedjax_fm row and to the fastest
+torch_loop row,
 achieved GFLOP/s from the workload's analytic FLOP count and its fraction of this machine's
 matmul peak (measured here: the faster of a 2048^3 jnp.dot and torch.mm, median of 10, in the
 workload's dtype), plus the share of the CPU that other processes and the hypervisor (steal)
@@ -52,7 +55,7 @@ import os
 import re
 import time
 
-BASELINE_RUNNERS = ("jax_client_loop", "torch_loop")
+BASELINE_RUNNERS = ("jax_client_loop", "torch_loop", "torch_loop[threads=1]")
 ENGINE_EXAMPLES = ("fedjax_fm[default]", "fedjax_fm[vmap]", "fedjax_fm[vmap,scan]",
                    "fedjax_fm[unrolled]", "fedjax_fm[chunked8]", "fedjax_fm[sequential5,scan]")
 
@@ -63,8 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--workload", choices=("w1", "w2"), default="w1")
   p.add_argument("--quick", action="store_true",
                  help="CI smoke run (< 1 min): W1 with 100 clients, cohort 5, the default "
-                 "engine row and torch_loop; W2 on a tiny random-weight BERT, 4 clients x 2 "
-                 "steps, every runner kind; 2 timed rounds")
+                 "engine row and torch_loop; W2 on a tiny random-weight BERT, 2 clients x 1 "
+                 "step, every runner kind; 2 timed rounds")
   p.add_argument("--rounds", type=int, default=None,
                  help="timed rounds per runner (default 5; quick: 2)")
   p.add_argument("--warmup", type=int, default=1,
@@ -148,10 +151,34 @@ def build_runner(name: str, work, mesh):
   if name == "jax_client_loop":
     return jax_runners.jax_client_loop_runner(work.loss_fn, work.roles, work.params,
                                               client_lr=work.client_lr, server_lr=work.server_lr)
-  if name == "torch_loop":
-    return work.torch_runner()
+  m = re.match(r"^torch_loop(?:\[threads=(\d+)\])?$", name)
+  if m:
+    step = work.torch_runner()
+    if m.group(1):
+      step = with_torch_threads(step, int(m.group(1)))
+    return step
   raise ValueError(f"unknown runner {name!r}; engine rows look like {ENGINE_EXAMPLES}, "
                    f"baselines are {BASELINE_RUNNERS}")
+
+
+def with_torch_threads(step, threads: int):
+  """`step` run with torch.set_num_threads(threads), the process's setting restored after.
+
+  On a CPU shared with other processes, torch's OpenMP threads slow down badly once one of them
+  loses its core (each op waits for the slowest thread); one thread avoids that.
+  """
+  import torch
+
+  def run(cohort, r):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+      step(cohort, r)
+    finally:
+      torch.set_num_threads(before)
+
+  run.info, run.shared = step.info, step.shared
+  return run
 
 
 def relative_difference(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
@@ -166,13 +193,14 @@ def print_table(work, records, args, peak, peak_reps, default_name):
   backend = jax.default_backend()
   peak_best = max(peak.values())
   ref = next((r["s_per_round"] for r in records if r["default"]), None)
-  torch_s = next((r["s_per_round"] for r in records if r["runner"] == "torch_loop"), None)
+  torch_s = min((r["s_per_round"] for r in records if r["runner"].startswith("torch_loop")),
+                default=None)
   print(f"{work.summary}, {work.round_flops / 1e9:.1f} GFLOP/round; backend {backend} "
         f"({jax.device_count()} device(s)); {args.dtype} matmul peak {peak_best:.0f} GFLOP/s ("
         + ", ".join(f"{k} {v:.0f}" for k, v in peak.items()) + f", median of {peak_reps}); "
         f"median of {args.rounds} rounds after {args.warmup} warm-up")
   check = work.deterministic and args.warmup > 0
-  print("| runner | s/round | client-steps/s | vs default | vs torch_loop | GFLOP/s | % of peak "
+  print("| runner | s/round | client-steps/s | vs default | vs best torch | GFLOP/s | % of peak "
         "| warm-up s | other/steal CPU % |" + (" rel. diff |" if check else ""))
   print("|---|---|---|---|---|---|---|---|---|" + ("---|" if check else ""))
   for rec in records:
@@ -185,8 +213,9 @@ def print_table(work, records, args, peak, peak_reps, default_name):
     if check:
       row += f" {rec['rel_diff_vs_first']:.1e} |"
     print(row)
-  print(f"* = default_execution() on this backend ({default_name}). vs default / vs torch_loop = "
-        "that runner's s/round / this runner's s/round (>1 = faster). warm-up s: build + first "
+  print(f"* = default_execution() on this backend ({default_name}). vs default / vs best torch = "
+        "that runner's (the fastest torch_loop row's) s/round / this runner's s/round (>1 = "
+        "faster). warm-up s: build + first "
         "round(s), compile included. other/steal: CPU share taken by other processes / the "
         "hypervisor while timed."
         + (" rel. diff: max |shared params - first runner's| / max |first runner's| after "
@@ -211,9 +240,9 @@ def main(args):
   default_name = jax_runners.default_runner_name()
   runners = [default_name if r == "fedjax_fm[default]" else r for r in args.runners]
   runners = list(dict.fromkeys(runners))  # de-duplicate, keep order
-  if torch is None and "torch_loop" in runners:
-    progress("torch is not installed: skipping torch_loop")
-    runners.remove("torch_loop")
+  if torch is None and any(r.startswith("torch_loop") for r in runners):
+    progress("torch is not installed: skipping the torch_loop rows")
+    runners = [r for r in runners if not r.startswith("torch_loop")]
 
   peak_reps = 3 if args.quick else 10
   peak = measure_peak(torch, tdev, reps=peak_reps, dtype=args.dtype)

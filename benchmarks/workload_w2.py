@@ -53,9 +53,9 @@ NUM_CLASSES = 8
 ADAPTER_ACTIVATION = "gelu"
 CLIENT_LR, SERVER_LR = 0.1, 1.0
 DEFAULTS = {"clients": 16, "steps": 4, "batch": 8, "seq_len": 32, "bottleneck": 32}
-# --quick: a tiny random-weight BERT saved to a temporary folder (same loading paths), 4
-# clients x 2 steps x batch 4 x 16 tokens.
-QUICK_DEFAULTS = {"clients": 4, "steps": 2, "batch": 4, "seq_len": 16, "bottleneck": 8}
+# --quick: a tiny random-weight BERT saved to a temporary folder (same loading paths), 2
+# clients x 1 step x batch 4 x 16 tokens.
+QUICK_DEFAULTS = {"clients": 2, "steps": 1, "batch": 4, "seq_len": 16, "bottleneck": 8}
 TINY_BERT = dict(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                  intermediate_size=128, max_position_embeddings=64)
 DEFAULT_RUNNERS = ("fedjax_fm[default]", "fedjax_fm[vmap]", "fedjax_fm[vmap,scan]",
