@@ -58,8 +58,9 @@ DEFAULTS = {"clients": 16, "steps": 4, "batch": 8, "seq_len": 32, "bottleneck": 
 QUICK_DEFAULTS = {"clients": 2, "steps": 1, "batch": 4, "seq_len": 16, "bottleneck": 8}
 TINY_BERT = dict(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                  intermediate_size=128, max_position_embeddings=64)
-DEFAULT_RUNNERS = ("fedjax_fm[default]", "fedjax_fm[vmap]", "fedjax_fm[vmap,scan]",
-                   "jax_client_loop", "torch_loop")
+DEFAULT_RUNNERS = ("fedjax_fm[default]", "fedjax_fm[sequential1,scan]", "fedjax_fm[vmap]",
+                   "fedjax_fm[vmap,scan]", "jax_client_loop", "torch_loop",
+                   "torch_loop[threads=1]")
 QUICK_RUNNERS = ("fedjax_fm[default]", "jax_client_loop", "torch_loop")
 
 
