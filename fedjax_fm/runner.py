@@ -10,6 +10,8 @@ and compiled: a run must compile its round exactly once.
 
 from __future__ import annotations
 
+import functools
+import warnings
 from typing import Any
 
 import jax
@@ -30,9 +32,26 @@ CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
                         "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
 
 
+@functools.lru_cache(maxsize=None)
+def _accepted(options: tuple[tuple[str, str], ...]) -> bool:
+  """Whether this jaxlib's XLA knows `options` (the YNN one is experimental and may go away:
+  an unknown option fails every compile, so it is tried once on a trivial program)."""
+  try:
+    jax.jit(lambda x: x + 1, compiler_options=dict(options)).lower(1.0).compile()
+    return True
+  except Exception:  # pylint: disable=broad-except  # XLA reports unknown flags variously
+    return False
+
+
 def default_compiler_options() -> dict[str, str]:
-  """XLA options for the round on this backend (none off the CPU)."""
-  return dict(CPU_COMPILER_OPTIONS) if jax.default_backend() == "cpu" else {}
+  """XLA options for the round on this backend (none off the CPU, none XLA does not know)."""
+  if jax.default_backend() != "cpu":
+    return {}
+  options = tuple(sorted(CPU_COMPILER_OPTIONS.items()))
+  if not _accepted(options):
+    warnings.warn(f"this XLA does not accept {dict(options)}; compiling the round without them")
+    return {}
+  return dict(options)
 
 
 class RoundRunner:

@@ -9,6 +9,7 @@ from flax import nnx
 from fedjax_fm import cohort as cohort_lib
 from fedjax_fm import roles as roles_lib
 from fedjax_fm import sharding
+from fedjax_fm import runner as runner_lib
 from fedjax_fm.algorithm import ClientExecution
 from fedjax_fm.algorithms import fedavg, fedper
 from fedjax_fm.models import SimpleCNN, classification_loss, functional
@@ -180,3 +181,12 @@ def test_round_state_is_donated(num_devices):
   runner(server, clients, cohort, jax.random.key(0))
   assert old_leaf.is_deleted()
   assert not jax.tree_util.tree_leaves(params)[0].is_deleted()  # the caller's copy survives
+
+
+def test_unknown_compiler_option_falls_back_instead_of_failing(monkeypatch):
+  """The CPU option is experimental: a jaxlib without it must still compile rounds."""
+  monkeypatch.setattr(runner_lib, "CPU_COMPILER_OPTIONS", {"xla_cpu_no_such_option": "1"})
+  runner_lib._accepted.cache_clear()  # pylint: disable=protected-access
+  with pytest.warns(UserWarning, match="does not accept"):
+    assert runner_lib.default_compiler_options() == {}
+  runner_lib._accepted.cache_clear()  # pylint: disable=protected-access
