@@ -31,7 +31,8 @@ from fedjax_fm import sharding
 from fedjax_fm.algorithm import ClientExecution
 from fedjax_fm.algorithms import fedavg
 from fedjax_fm.algorithms.feddat import (adapter_mix_loss, adapter_weights_by_mode,
-                                         classification_task_loss, feddat, model_logits_fn)
+                                         classification_task_loss, feddat, model_logits_fn,
+                                         vqa_task_loss)
 from fedjax_fm.cohort import Cohort
 from fedjax_fm.models import (AdapterConfig, TransformerConfig, TransformerModel, functional,
                               transformer_roles)
@@ -377,3 +378,45 @@ def test_feddat_personalizes_where_fedavg_cannot():
   assert min(feddat_acc) >= 0.85
   assert np.mean(fedavg_acc) <= 0.7
   assert np.mean(feddat_acc) - np.mean(fedavg_acc) >= 0.25
+
+
+def test_vqa_head_with_sigmoid_distillation_first_step_by_hand():
+  """A linear toy with VQA soft targets: logits = x @ (head + sum_i w_i A_i), everything 0 at
+  the start, SGD with lr 1, one client, one step, batch x = I_2, targets t = [[1, 0], [.3, 1]].
+
+  Step (1): z_s = z_teach = 0, so the KL and its gradient vanish; soft BCE summed over the 2
+  answers is 2 ln 2; its gradient in the logits is sigmoid(0) - t = 1/2 - t, so
+      dL_s/dA_s = 1/2 * mean_b x_b (1/2 - t_b)^T = 1/2 * 1/2 [[-.5, .5], [.2, -.5]]
+      A_s <- -dL_s/dA_s = [[.125, -.125], [-.05, .125]]   (the head moves the same way).
+  The VQA score of the top answer (answer 0 on ties) is mean(1, .3) = .65.
+  Step (2): z_c = x @ head' != 0 = z_s, so the distillation term is positive.
+  """
+  params = {"head": {"w": jnp.zeros((2, 2))},
+            "adapters": {n: {"w": jnp.zeros((2, 2))} for n in NAMES}}
+  roles = roles_lib.assign_roles(params, personal=r"^(head|adapters/personal)/",
+                                 frozen=r"^adapters/frozen/")
+
+  def logits_fn(p, batch, rng, weights):
+    del rng
+    w = p["head"]["w"] + sum(weights.get(n, 0.0) * p["adapters"][n]["w"] for n in NAMES)
+    return batch["x"] @ w
+
+  alg = feddat(logits_fn, roles, params, task_loss=vqa_task_loss("targets"), distill="sigmoid",
+               client_optimizer=optax.sgd(1.0), execution=ClientExecution("vmap"))
+  data = {"x": jnp.eye(2)[None, None], "targets": jnp.array([[[[1.0, 0.0], [0.3, 1.0]]]])}
+  cohort = Cohort(data=data, mask=jnp.ones((1, 1, 2)), weights=jnp.ones(1),
+                  client_ids=jnp.zeros(1, jnp.int32))
+  server, clients, metrics = fast_jit(alg.round)(alg.init(params, jax.random.key(0)),
+                                                 alg.init_clients(params, 1), cohort,
+                                                 jax.random.key(1))
+  expected = [[0.125, -0.125], [-0.05, 0.125]]
+  np.testing.assert_allclose(server.params["adapters"]["shared"]["w"], expected, atol=1e-6)
+  np.testing.assert_allclose(server.params["adapters"]["frozen"]["w"], np.zeros((2, 2)))
+  assert float(metrics["global_task_loss"]) == pytest.approx(2 * np.log(2.0), rel=1e-6)
+  assert float(metrics["global_distill"]) == pytest.approx(0.0, abs=1e-7)
+  assert float(metrics["global_vqa_score"]) == pytest.approx(0.65, rel=1e-6)
+  assert float(metrics["distill"]) > 1e-4
+  assert server.params["head"]["w"] is None  # the head is personal
+  # The head took both sub-steps: step (1) moved it to `expected`, step (2) moved it further.
+  assert float(jnp.max(jnp.abs(clients["head"]["w"][0] - jnp.asarray(expected)))) > 1e-3
+  assert alg.bytes_per_client(params) == (16, 16)  # A_s only: 4 float32
