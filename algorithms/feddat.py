@@ -53,7 +53,10 @@ Deviations from the reference code, each on purpose:
   steps only when its sub-step trains it (A_s once per batch, A_c once, the head twice), which is
   what PyTorch's per-parameter AdamW state does for parameters without a gradient. The reference's
   schedule, recreated every round with max_steps from 15 epochs and ticked twice per batch, is a
-  code artefact (ALGORITHMS.md 2.3, 2.6) and not reproduced; pass an optax schedule if wanted.
+  code artefact (ALGORITHMS.md 2.3, 2.6) and not reproduced; pass an optax schedule if wanted
+  (it advances with each group's own step count, so the head's twice per batch).
+- ``weighted=False`` gives every client with a positive weight the same weight; padded clients
+  (weight 0) still count zero.
 
 The model is seen through ``logits_fn(params, batch, rng, adapter_weights) -> logits`` and a task
 loss ``task_loss(logits, batch) -> (per-example loss [B], {name: per-example metric [B]})``, so the
@@ -226,7 +229,11 @@ def feddat(logits_fn: LogitsFn, roles: PyTree, params: PyTree, *,
     execution: how clients run inside the program; `default_execution()` if None.
 
   Returns:
-    An `Algorithm`; its client state holds the personal leaves (A_c, head) of every client.
+    An `Algorithm`; its client state holds the personal leaves (A_c, head) of every client. Round
+    metrics (means over the real examples of the healthy clients): ``loss`` (mean of the two
+    sub-step objectives), ``dat_loss``, ``task_loss``, ``distill`` and the task's metrics (e.g.
+    ``accuracy``) of the DAT forward in sub-step (2), the same prefixed ``global_`` for the A_s
+    forward of sub-step (1), ``num_nonfinite_clients`` and ``examples``.
 
   Raises:
     ValueError: for inconsistent adapter names, roles or hyperparameters.
