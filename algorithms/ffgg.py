@@ -35,8 +35,9 @@ Where the reference code (Rustem-Islamov/FL_representations, synthetic notebooks
   the client's stored row by default, which is the natural and cheaper choice for fine-tuning;
   `personal_init="normal"` (or ``"initial"``: the model's initial values) restores the reference
   behaviour.
-- Its Byzantine clients are extra clients. Here they are slots of the cohort: give
-  `ByzantineAttack.client_ids` to the ids of extra clients to get the paper's setting.
+- Its Byzantine clients are extra clients. Here they are slots of the cohort: set
+  `ByzantineAttack.client_ids` to the ids of extra clients to get the paper's setting. The robust
+  aggregators count every slot, so a padded or dropped slot votes for a zero update.
 - Its asynchronous server applies each gradient as it arrives; here it applies the aggregate of
   a round's stale updates (identical with one client per round).
 
