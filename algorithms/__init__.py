@@ -9,10 +9,11 @@ from fedjax_fm.algorithms.fedavg import fedavg
 from fedjax_fm.algorithms.fedopt import fedadam, fedavgm, fedopt, fedyogi
 from fedjax_fm.algorithms.fedper import fedper
 from fedjax_fm.algorithms.fedprox import fedprox
+from fedjax_fm.algorithms.ffgg import ffgg
 from fedjax_fm.algorithms.local_training import local_training
 
 __all__ = ["REGISTRY", "build", "fedavg", "fedadam", "fedavgm", "fedopt", "fedyogi", "fedper",
-           "fedprox", "local_training"]
+           "fedprox", "ffgg", "local_training"]
 
 REGISTRY = {
     "fedavg": fedavg,
@@ -23,6 +24,7 @@ REGISTRY = {
     "fedavgm": fedavgm,
     "fedper": fedper,
     "local": local_training,
+    "ffgg": ffgg,
 }
 _WIRED = ("loss_fn", "roles", "params", "execution")
 

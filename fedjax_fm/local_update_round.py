@@ -117,7 +117,8 @@ def local_update_algorithm(
     deltas, new_personal = execution.constrain((deltas, new_personal))
 
     ok = aggregate.finite_clients((deltas, new_personal, sums["loss_sum"]))
-    weights = cohort.weights if weighted else jnp.ones_like(cohort.weights)
+    # Unweighted: every real client counts 1; padding slots (weight 0) must stay 0.
+    weights = cohort.weights if weighted else (cohort.weights > 0).astype(cohort.weights.dtype)
     weights = jnp.where(ok, weights, 0.0)
     deltas = aggregate.zero_where_bad(deltas, ok)
     mean_delta = aggregator(deltas, weights, agg_rng)

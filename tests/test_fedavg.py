@@ -162,6 +162,18 @@ def test_unweighted_round_hand_derived():
   np.testing.assert_allclose(server.params["head"], UNWEIGHTED_H, rtol=RTOL)
 
 
+def test_unweighted_round_ignores_padding_slots():
+  # The runner pads a cohort with empty clients (weight 0) to split over devices; unweighted
+  # averaging must still count the 3 real clients only, not 4.
+  from fedjax_fm.cohort import pad_cohort  # pylint: disable=import-outside-toplevel
+  alg, _ = make_alg(client_lr=0.5, weighted=False)
+  padded = pad_cohort(three_client_cohort(), 4)
+  assert padded.num_clients == 4
+  server, _, _ = run_round(alg, init_params(), padded)
+  np.testing.assert_allclose(server.params["w"], UNWEIGHTED_W, rtol=RTOL)
+  np.testing.assert_allclose(server.params["head"], UNWEIGHTED_H, rtol=RTOL)
+
+
 def test_server_lr():
   # w <- w0 + server_lr * mean_delta with server_lr = 0.5:
   #   w = [1,2,3] + 0.5 * [1, -5/9, -5/3] = [1.5, 31/18, 13/6];  h = 0.5 * 16/9 = 8/9.
