@@ -2,7 +2,8 @@
 
 from fedjax_fm.models.adapters import AdapterConfig, BottleneckAdapter, LoRA, LoRAConfig
 from fedjax_fm.models.cnn import MLP, SimpleCNN
-from fedjax_fm.models.embedders import PatchEmbeddings, TextEmbeddings, VisionTextEmbeddings
+from fedjax_fm.models.embedders import (ImageTokenEmbeddings, PatchEmbeddings, TextEmbeddings,
+                                        VisionTextEmbeddings)
 from fedjax_fm.models.heads import (AnswerScoringHead, ClassificationHead, DensePredictionHead,
                                     ImageReconstructionHead, TokenPredictionHead, build_head)
 from fedjax_fm.models.partitioning import param_shardings, shard_params
@@ -14,7 +15,8 @@ from fedjax_fm.models.transformer import (BACKBONE_PATTERN, Encoder, Transformer
 
 __all__ = [
     "AdapterConfig", "AnswerScoringHead", "BACKBONE_PATTERN", "BottleneckAdapter",
-    "ClassificationHead", "DensePredictionHead", "Encoder", "ImageReconstructionHead", "LoRA",
+    "ClassificationHead", "DensePredictionHead", "Encoder", "ImageReconstructionHead",
+    "ImageTokenEmbeddings", "LoRA",
     "LoRAConfig", "MLP", "PatchEmbeddings", "SimpleCNN", "TextEmbeddings", "TokenPredictionHead",
     "TransformerConfig", "TransformerModel", "VisionTextEmbeddings", "build_head",
     "classification_loss", "config_from_hf", "from_pretrained", "functional",

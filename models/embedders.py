@@ -7,6 +7,9 @@
 - `VisionTextEmbeddings`: the single-stream vision-language input of ViLT (Kim et al. 2021):
   text embeddings followed by image patch embeddings, each plus a modality-type embedding, one
   sequence for one encoder.
+- `ImageTokenEmbeddings`: the image half of that input kept apart from a text model's own
+  embeddings, so a pretrained text BERT (MiniLM) can take images ViLT-style with its text
+  embeddings untouched: CLS + patches, a modality embedding on both halves, one sequence.
 
 Images are NHWC floats (the layout of our data). Hugging Face `pixel_values` are NCHW: transpose
 them with ``x.transpose(0, 2, 3, 1)`` first.
@@ -153,3 +156,41 @@ class VisionTextEmbeddings(nnx.Module):
     mask = jnp.concatenate([attention_mask.astype(jnp.int32),
                             jnp.ones(image.shape[:2], jnp.int32)], axis=1)
     return jnp.concatenate([text, image], axis=1), mask
+
+
+class ImageTokenEmbeddings(nnx.Module):
+  """Image tokens for a text encoder: [text tokens; CLS + image patches] in ViLT's layout.
+
+  A text checkpoint (BERT, RoBERTa, MiniLM) has no image parameters, so these are all new and
+  must be trained: `patches` (a `PatchEmbeddings`: `projection`, `cls`, `position`), `modality`
+  (type 0 = text, 1 = image, as ViLT) and `norm`, a LayerNorm on the image tokens. The norm
+  gives them the scale of BERT's LayerNorm-ed text embeddings, which is what the post-LN encoder
+  was trained on; a bare 0.02-scale projection would enter it as near-zero vectors. The
+  modality table starts at zero so the text tokens enter exactly as in the text checkpoint.
+
+  The text embeddings stay the model's own (`TextEmbeddings`, checkpoint paths unchanged); this
+  module only joins them with the image tokens (`join`).
+  """
+
+  def __init__(self, image_size: int, patch_size: int, num_channels: int, hidden_size: int, *,
+               layer_norm_eps: float, rngs: nnx.Rngs, dropout_rate: float = 0.0,
+               dtype: Any = None, param_dtype: Any = jnp.float32):
+    self.patches = PatchEmbeddings(image_size, patch_size, num_channels, hidden_size, rngs=rngs,
+                                   dtype=dtype, param_dtype=param_dtype)
+    self.modality = nnx.Embed(2, hidden_size, dtype=dtype, param_dtype=param_dtype,
+                              embedding_init=nnx.initializers.zeros_init(), rngs=rngs)
+    self.norm = nnx.LayerNorm(hidden_size, epsilon=layer_norm_eps, use_fast_variance=False,
+                              dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.dropout_rate = dropout_rate
+
+  def join(self, text: jax.Array, images: jax.Array, attention_mask: jax.Array,
+           rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """text [B, T, D] (embedded), images [B, H, W, C] -> (embeddings [B, T + 1 + P, D],
+    mask [B, T + 1 + P]); image tokens are all real."""
+    image = self.patches(images)
+    image = image + self.modality(jnp.ones(image.shape[:2], jnp.int32))
+    image = dropout(self.norm(image), self.dropout_rate, rng)
+    text = text + self.modality(jnp.zeros(text.shape[:2], jnp.int32)).astype(text.dtype)
+    mask = jnp.concatenate([attention_mask.astype(jnp.int32),
+                            jnp.ones(image.shape[:2], jnp.int32)], axis=1)
+    return jnp.concatenate([text, image.astype(text.dtype)], axis=1), mask

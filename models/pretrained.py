@@ -14,6 +14,11 @@ Example::
 Adapters, LoRA and heads are freshly initialised (with `seed`); every backbone parameter comes
 from the checkpoint, and a checkpoint that does not cover the model exactly raises a ValueError
 naming its missing keys, unexpected keys and shape mismatches.
+
+A text checkpoint can also serve as a single-stream vision-language model, ViLT-style (Kim et
+al. 2021): ``from_pretrained(path, image={"image_size": 8, "patch_size": 2, "num_channels": 1})``
+keeps its text embeddings and encoder and adds new image tokens (`embedders.ImageTokenEmbeddings`,
+roles component ``image_embeddings``, trained by default) that must be learnt in fine-tuning.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
 # ViT's masked-image-modelling token.
 _IGNORED_PREFIXES = ("pooler.",)
 _IGNORED_SUFFIXES = ("position_ids", "embeddings.token_type_ids", "embeddings.mask_token")
+IMAGE_FIELDS = ("image_size", "patch_size", "num_channels")
 
 
 def _require(hf: Mapping[str, Any], key: str, path: str) -> Any:
@@ -378,7 +384,8 @@ def _fill(params: PyTree, values: Mapping[str, Any]) -> PyTree:
 
 
 def _fresh_parameters(build: Callable[[], TransformerModel]) -> dict[str, jax.Array]:
-  """Initial values of the parts a checkpoint does not hold (adapters, LoRA, head), by path.
+  """Initial values of the parts a checkpoint does not hold (adapters, LoRA, head, a text
+  model's new image tokens), by path.
 
   The whole model is initialised inside one jit whose outputs are only those parts, so XLA
   drops the backbone's random initialisation: no time or memory is spent on values the
@@ -391,14 +398,41 @@ def _fresh_parameters(build: Callable[[], TransformerModel]) -> dict[str, jax.Ar
             if parameter_component(roles_lib.leaf_path(p)) != "backbone"}
 
   return jax.jit(init)()
+def _with_image(config: TransformerConfig, image: Mapping[str, Any], model_type: str,
+                path: str) -> TransformerConfig:
+  """`config` of a text checkpoint extended with new image tokens (`from_pretrained`'s
+  `image` option)."""
+  if config.modality != "text":
+    raise ValueError(f"image= extends a text checkpoint (bert, roberta) to images; {path} is "
+                     f"a {model_type!r} model, which takes its own images")
+  unknown = sorted(set(image) - set(IMAGE_FIELDS))
+  if unknown or not {"image_size", "patch_size"} <= set(image):
+    raise ValueError(f"image={dict(image)!r}: give image_size and patch_size (and optionally "
+                     f"num_channels, default 3); unknown fields {unknown}")
+  return dataclasses.replace(config, modality="vision_text", separate_image_embeddings=True,
+                             image_size=image["image_size"], patch_size=image["patch_size"],
+                             num_channels=image.get("num_channels", 3))
+
+
 def from_pretrained(path: str, *, adapters: Any = None, lora: Any = None, head: Any = None,
                     dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, seed: int = 0,
-                    config_overrides: Mapping[str, Any] | None = None) -> TransformerModel:
+                    config_overrides: Mapping[str, Any] | None = None,
+                    image: Mapping[str, int] | None = None) -> TransformerModel:
   """A `TransformerModel` with the weights of a local Hugging Face checkpoint folder.
 
   The model's call on ``(input_ids, attention_mask, token_type_ids)`` (BERT, RoBERTa, MiniLM),
   ``pixel_values=`` NHWC images (ViT) or both (ViLT) returns the last hidden state, the same as
   transformers' ``AutoModel(...).last_hidden_state``; with a head it returns the head's output.
+
+  With `image`, a text checkpoint (bert, roberta: MiniLM) becomes a ViLT-style vision-language
+  model: the call on ``(input_ids, attention_mask, token_type_ids, pixel_values=NHWC images)``
+  returns ``[B, T + 1 + num_patches, hidden]``, the text tokens then an image CLS token and the
+  patches in row-major grid order (attention mask: the text's, then all ones). The text
+  embeddings and the encoder are the checkpoint's, unchanged and at the text model's paths; the
+  patch projection, image CLS and positions, modality-type embeddings and image LayerNorm are
+  new (`embedders.ImageTokenEmbeddings`, seeded by `seed`) and must be trained: they form the
+  roles component ``image_embeddings``, which `transformer_roles` trains by default while the
+  pretrained backbone stays frozen.
 
   Args:
     path: folder with config.json and model.safetensors (model_type bert, roberta, vit, vilt).
@@ -412,11 +446,13 @@ def from_pretrained(path: str, *, adapters: Any = None, lora: Any = None, head: 
     seed: initialises the fresh adapters, LoRA and head.
     config_overrides: `TransformerConfig` fields to override after reading config.json, e.g.
       ``{"hidden_dropout": 0.0, "attention_dropout": 0.0}``.
+    image: for a text checkpoint, ``{"image_size": 8, "patch_size": 2, "num_channels": 1}``:
+      square NHWC images of that size cut into patch_size patches (num_channels defaults to 3).
 
   Raises:
     FileNotFoundError: if the folder, config.json or the weights are missing.
-    ValueError: for an unsupported model_type, or weights that do not match the config
-      (missing keys, unexpected keys, shape mismatches).
+    ValueError: for an unsupported model_type, weights that do not match the config (missing
+      keys, unexpected keys, shape mismatches), or `image` given for a non-text checkpoint.
   """
   hf = read_hf_config(path)
   config = config_from_hf(hf, path=path, dtype=dtype, param_dtype=param_dtype)
@@ -425,6 +461,8 @@ def from_pretrained(path: str, *, adapters: Any = None, lora: Any = None, head: 
     if unknown:
       raise ValueError(f"config_overrides {unknown} are not TransformerConfig fields")
     config = dataclasses.replace(config, **config_overrides)
+  if image is not None:
+    config = _with_image(config, image, hf["model_type"], path)
   tensors = read_safetensors(path)
   build = lambda: TransformerModel(config, rngs=nnx.Rngs(seed), adapters=adapters, lora=lora,
                                    head=head)

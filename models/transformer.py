@@ -16,6 +16,8 @@ assigned from them (`transformer_roles`, or regexes with `fedjax_fm.roles.assign
     embeddings/...                                   backbone (text: word, position, token_type,
                                                      norm; image: projection, cls, position;
                                                      ViLT: text/..., image/..., modality)
+    image_embeddings/{patches,modality,norm}/...     image_embeddings (a text checkpoint given
+                                                     images: new, trained by default)
     encoder/layers/<i>/attention/{query,key,value,out}/{kernel,bias}    backbone
     encoder/layers/<i>/{attention_norm,mlp_norm}/{scale,bias}           backbone
     encoder/layers/<i>/mlp/{fc_in,fc_out}/{kernel,bias}                 backbone
@@ -69,6 +71,12 @@ class TransformerConfig:
       BERT and ViLT (positions 0..T-1).
     image_size, patch_size, num_channels: square images, square patches.
     modality_type_vocab_size: ViLT's modality embeddings (0 = text, 1 = image).
+    separate_image_embeddings: ``"vision_text"`` only. False: ViLT's layout, all embeddings
+      under ``embeddings/`` (text/, image/, modality), part of the backbone. True: a text model
+      extended to images (`pretrained.from_pretrained(..., image=...)`): the text embeddings
+      keep a text checkpoint's paths (``embeddings/word``, ...) and the image tokens come from
+      `embedders.ImageTokenEmbeddings` at ``image_embeddings/``, their own roles component
+      (new parameters that must be trained). Same token layout either way.
     dtype: compute dtype of activations and matmuls (e.g. jnp.bfloat16); softmax and LayerNorm
       statistics stay in float32.
     param_dtype: storage dtype of the parameters.
@@ -92,6 +100,7 @@ class TransformerConfig:
   patch_size: int = 0
   num_channels: int = 3
   modality_type_vocab_size: int = 2
+  separate_image_embeddings: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -107,6 +116,9 @@ class TransformerConfig:
       if self.image_size < 1 or self.patch_size < 1 or self.image_size % self.patch_size:
         raise ValueError(f"a {self.modality!r} model needs image_size ({self.image_size}) "
                          f"divisible by patch_size ({self.patch_size})")
+    if self.separate_image_embeddings and self.modality != "vision_text":
+      raise ValueError("separate_image_embeddings needs modality='vision_text', got "
+                       f"{self.modality!r}")
     activations.activation(self.activation)
 
   @property
@@ -283,15 +295,22 @@ class TransformerModel(nnx.Module):
           config.vocab_size, config.hidden_size, config.max_position_embeddings,
           config.type_vocab_size, layer_norm_eps=config.layer_norm_eps,
           padding_idx=config.padding_idx, dropout_rate=config.hidden_dropout, **kw)
-    if config.modality != "text":
-      image = embedders.PatchEmbeddings(config.image_size, config.patch_size,
-                                        config.num_channels, config.hidden_size,
-                                        dropout_rate=config.hidden_dropout, **kw)
-    if config.modality == "vision_text":
-      self.embeddings = embedders.VisionTextEmbeddings(text, image, config.hidden_size,
-                                                       config.modality_type_vocab_size, **kw)
+    if config.separate_image_embeddings:
+      # A text checkpoint's layout plus new image tokens at image_embeddings/.
+      self.embeddings = text
+      self.image_embeddings = embedders.ImageTokenEmbeddings(
+          config.image_size, config.patch_size, config.num_channels, config.hidden_size,
+          layer_norm_eps=config.layer_norm_eps, dropout_rate=config.hidden_dropout, **kw)
     else:
-      self.embeddings = text if text is not None else image
+      if config.modality != "text":
+        image = embedders.PatchEmbeddings(config.image_size, config.patch_size,
+                                          config.num_channels, config.hidden_size,
+                                          dropout_rate=config.hidden_dropout, **kw)
+      if config.modality == "vision_text":
+        self.embeddings = embedders.VisionTextEmbeddings(text, image, config.hidden_size,
+                                                         config.modality_type_vocab_size, **kw)
+      else:
+        self.embeddings = text if text is not None else image
     self.encoder = Encoder(config, adapters=adapters_lib.adapter_config(adapters),
                            lora=adapters_lib.lora_config(lora), rngs=rngs)
     self.head = None if head is None else heads_lib.build_head(head, config, rngs=rngs)
@@ -323,6 +342,10 @@ class TransformerModel(nnx.Module):
       if modality == "text":
         x = self.embeddings(input_ids, token_type_ids, position_ids, r_embed)
         mask = attention_mask
+      elif self.config.separate_image_embeddings:
+        r_text, r_image = _split(r_embed, 2)
+        text = self.embeddings(input_ids, token_type_ids, position_ids, r_text)
+        x, mask = self.image_embeddings.join(text, pixel_values, attention_mask, r_image)
       else:
         x, mask = self.embeddings(input_ids, pixel_values, attention_mask, token_type_ids,
                                   position_ids, rng=r_embed)
@@ -359,14 +382,18 @@ class TransformerModel(nnx.Module):
 
 # Matches every backbone leaf path, for `fedjax_fm.roles.assign_roles(params, frozen=...)`.
 BACKBONE_PATTERN = r"^(embeddings|encoder)/(?!.*(/adapters/|/lora_))"
-_COMPONENT_NAME = re.compile(r"^(backbone|head|lora|adapters(/[^/]+)?)$")
+_COMPONENT_NAME = re.compile(r"^(backbone|head|lora|image_embeddings|adapters(/[^/]+)?)$")
 
 
 def parameter_component(path: str) -> str:
-  """What a parameter path belongs to: ``backbone``, ``head``, ``lora`` or ``adapters/<name>``."""
+  """What a parameter path belongs to: ``backbone``, ``head``, ``lora``, ``adapters/<name>`` or
+  ``image_embeddings`` (the new image tokens of a text model given images; ViLT's own image
+  embeddings are pretrained and stay ``backbone``)."""
   parts = path.split("/")
   if parts[0] == "head":
     return "head"
+  if parts[0] == "image_embeddings":
+    return "image_embeddings"
   if "adapters" in parts[:-1]:
     return "adapters/" + parts[parts.index("adapters") + 1]
   if any(p.startswith("lora_") for p in parts):
@@ -384,7 +411,8 @@ def transformer_roles(params: PyTree, *, trainable: Sequence[str] | None = None,
 
   The pretrained backbone is frozen; the trainable components are shared (trained, averaged)
   unless listed in `personal` (trained, never leave the client). Components are named
-  ``backbone``, ``head``, ``lora``, ``adapters`` (all adapters) and ``adapters/<name>``.
+  ``backbone``, ``head``, ``lora``, ``adapters`` (all adapters), ``adapters/<name>`` and
+  ``image_embeddings`` (a text checkpoint's new image tokens, `ImageTokenEmbeddings`).
 
   Example (FedDAT: personal and shared adapters trained, the frozen copy a fixed teacher)::
 
@@ -394,8 +422,10 @@ def transformer_roles(params: PyTree, *, trainable: Sequence[str] | None = None,
 
   Args:
     params: the pure parameter dict (`fedjax_fm.models.functional(model)[1]`).
-    trainable: components that are trained; None means ("adapters", "lora", "head"), whichever
-      the model has. ``backbone`` trains the whole backbone (full fine-tuning).
+    trainable: components that are trained; None means ("adapters", "lora", "head",
+      "image_embeddings"), whichever the model has. ``backbone`` trains the whole backbone (full
+      fine-tuning). An explicit list must name ``image_embeddings`` to train a text model's new
+      image tokens; otherwise they stay frozen at their random initialisation.
     personal: components that are trained and stay personal (implicitly trainable).
 
   Returns:
@@ -410,13 +440,13 @@ def transformer_roles(params: PyTree, *, trainable: Sequence[str] | None = None,
   explicit = list(personal) + (list(trainable) if trainable is not None else [])
   for name in explicit:
     if not _COMPONENT_NAME.match(name):
-      raise ValueError(f"component {name!r} is not one of backbone, head, lora, adapters, "
-                       "adapters/<name>")
+      raise ValueError(f"component {name!r} is not one of backbone, head, lora, "
+                       "image_embeddings, adapters, adapters/<name>")
     if not any(_selects(name, c) for c in components):
       raise ValueError(f"component {name!r} matches no parameter; the model has "
                        f"{sorted(components)}")
   if trainable is None:
-    trainable = ("adapters", "lora", "head")
+    trainable = ("adapters", "lora", "head", "image_embeddings")
 
   def role(path, _):
     component = parameter_component(roles_lib.leaf_path(path))
