@@ -21,7 +21,8 @@ from ml_collections import config_flags
 from fedjax_fm import algorithms, assets, data, models, roles, rundir, sharding
 from fedjax_fm.algorithm import ClientExecution, default_execution
 from fedjax_fm.checkpoint import CheckpointError
-from fedjax_fm.data import suite
+from fedjax_fm.algorithms import feddat as feddat_lib
+from fedjax_fm.data import suite, text
 from fedjax_fm.evaluate import make_evaluator
 from fedjax_fm.train import train
 
@@ -54,7 +55,16 @@ def _shakespeare_play(config):
   return train, test
 
 
-DATASETS = {"digits": _digits, "shakespeare_play": _shakespeare_play}
+def _digits_vqa(config):
+  """Digit images with questions (one question family per client: FedDAT's domains)."""
+  d = config.data
+  group = suite.digits_vqa_group(data.PartitionConfig.from_mapping(d.partition), seed=config.seed,
+                                 test_fraction=d.test_fraction, families=tuple(d.families),
+                                 tokenizer=text.minilm_tokenizer(d.max_length))
+  return group.train, group.test
+
+
+DATASETS = {"digits": _digits, "shakespeare_play": _shakespeare_play, "digits_vqa": _digits_vqa}
 
 
 def build_data(config):
@@ -65,6 +75,7 @@ def build_data(config):
 
 
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+VISION_TEXT_INPUTS = TEXT_INPUTS + ("image",)  # the model's 4th positional input: pixel_values
 
 
 def _small_model(config, train_data):
@@ -92,13 +103,15 @@ def _pretrained(config, train_data):
     raise ValueError(f"unknown config.model.dtype {m.dtype!r}; use one of {sorted(dtypes)}")
   overrides = ({} if m.dropout is None else
                {"hidden_dropout": m.dropout, "attention_dropout": m.dropout})
+  # A text checkpoint with `model.image` reads images too (fresh patch embeddings, ViLT-style).
+  image = m.image.to_dict() if "image" in m else None
   model = models.from_pretrained(path, adapters=m.adapters.to_dict(), head=head,
                                  dtype=dtypes[m.dtype], seed=config.seed,
-                                 config_overrides=overrides)
+                                 config_overrides=overrides, image=image)
   graphdef, params = models.functional(model)
   role_tree = models.transformer_roles(params, trainable=tuple(m.trainable),
                                        personal=tuple(m.personal))
-  return graphdef, params, role_tree, TEXT_INPUTS
+  return graphdef, params, role_tree, VISION_TEXT_INPUTS if image else TEXT_INPUTS
 
 
 MODELS = {"mlp": _small_model, "cnn": _small_model, "minilm": _pretrained,
@@ -117,6 +130,52 @@ def build_execution(config, mesh):
   if ex.strategy == "auto":
     return default_execution(mesh)
   return ClientExecution(ex.strategy, ex.chunk_size, ex.scan_unroll, mesh=mesh)
+
+
+def _feddat(config, graphdef, params, role_tree, input_keys, execution):
+  """FedDAT calls the model with different adapter mixes, so it is wired with the model's
+  graphdef rather than one loss; evaluation uses the DAT mix (personalized: A_c with the copy of
+  A_s and the client's head) and A_s alone (global, heads averaged)."""
+  hparams = config.algorithm.hparams.to_dict()
+  accepted = {"client_lr", "teacher_weights", "temperature", "weighted"}
+  unknown = sorted(set(hparams) - accepted)
+  if unknown:
+    raise ValueError(f"algorithm 'feddat' takes no hyperparameter {unknown}; it takes "
+                     f"{sorted(accepted)}")
+  client_lr = hparams.pop("client_lr", 1e-4)
+  if "teacher_weights" in hparams:
+    hparams["teacher_weights"] = tuple(hparams["teacher_weights"])
+  names = tuple(config.model.adapters.names)
+  task = feddat_lib.classification_task_loss("y")
+  alg = feddat_lib.feddat(feddat_lib.model_logits_fn(graphdef, input_keys), role_tree, params,
+                          task_loss=task, adapter_names=names,
+                          client_optimizer=feddat_lib.default_client_optimizer(client_lr),
+                          execution=execution, **hparams)
+  mixes = feddat_lib.adapter_weights_by_mode(names, hparams.get("teacher_weights", (0.5, 0.5)))
+  eval_logits = feddat_lib.model_logits_fn(graphdef, input_keys, train=False)
+
+  def evaluator(test_data):
+    personal = make_evaluator(feddat_lib.adapter_mix_loss(eval_logits, task, mixes["dat"]),
+                              test_data, modes=("personalized",))
+    global_ = make_evaluator(feddat_lib.adapter_mix_loss(eval_logits, task, mixes["global"]),
+                             test_data, modes=("global",))
+    return lambda server_params, clients: {**personal(server_params, clients),
+                                           **global_(server_params, clients)}
+
+  return alg, evaluator
+
+
+def build_algorithm(config, graphdef, params, role_tree, input_keys, execution):
+  """(algorithm, test data -> evaluate function) of `config.algorithm`."""
+  if config.algorithm.name == "feddat":
+    return _feddat(config, graphdef, params, role_tree, input_keys, execution)
+  if config.algorithm.name not in algorithms.REGISTRY:
+    raise ValueError(f"unknown algorithm {config.algorithm.name!r}; choose one of "
+                     f"{sorted([*algorithms.REGISTRY, 'feddat'])}")
+  alg = algorithms.build(config.algorithm.name, models.classification_loss(graphdef, input_keys),
+                         role_tree, params, execution, **config.algorithm.hparams.to_dict())
+  eval_loss = models.classification_loss(graphdef, input_keys, train=False)
+  return alg, lambda test_data: make_evaluator(eval_loss, test_data)
 
 
 def check_config(config):
@@ -140,9 +199,8 @@ def run(config, workdir=None, *, resume=False, overwrite=False, allow_config_cha
   train_data, test_data = build_data(config)
   graphdef, params, role_tree, input_keys = build_model(config, train_data)
   mesh = sharding.make_mesh(tuple(tuple(a) for a in config.mesh))
-  alg = algorithms.build(config.algorithm.name, models.classification_loss(graphdef, input_keys),
-                         role_tree, params, build_execution(config, mesh),
-                         **config.algorithm.hparams.to_dict())
+  alg, evaluate_fn = build_algorithm(config, graphdef, params, role_tree, input_keys,
+                                     build_execution(config, mesh))
   if config.cohort_size > train_data.num_clients:
     raise ValueError(f"config.cohort_size={config.cohort_size} is larger than the "
                      f"{train_data.num_clients} clients of the federation; lower it")
@@ -151,8 +209,7 @@ def run(config, workdir=None, *, resume=False, overwrite=False, allow_config_cha
                    allow_config_change=allow_config_change)
   elif resume:
     raise ValueError("--resume needs the --workdir of the run to continue")
-  evaluate = make_evaluator(models.classification_loss(graphdef, input_keys, train=False),
-                            test_data)
+  evaluate = evaluate_fn(test_data)
   # A mesh with an `fsdp` axis splits the frozen backbone over it (one copy, never per client).
   shardings = (models.param_shardings(params, mesh, role_tree)
                if "fsdp" in mesh.axis_names else None)

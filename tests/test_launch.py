@@ -122,3 +122,11 @@ def test_missing_data_files_name_the_fetch_command(tmp_path):
   assert len(lines) == 1 and "not in the cache" in lines[0], proc.stderr[-800:]
   assert "-m fedjax_fm.assets" in lines[0]
   assert not (tmp_path / "run").exists()
+
+
+def test_feddat_rejects_an_unknown_hyperparameter(tmp_path):
+  config = _load(os.path.join(ROOT, "configs", "feddat_text.py")).get_config("tiny")
+  config.algorithm.hparams.mu = 0.1
+  with pytest.raises(ValueError, match=r"'feddat' takes no hyperparameter \['mu'\]"):
+    launch.run(config, str(tmp_path / "run"), progress=False)
+  assert not (tmp_path / "run").exists()
