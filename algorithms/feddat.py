@@ -77,7 +77,8 @@ import optax
 from flax import nnx
 
 from fedjax_fm import aggregate, clients, distill as distill_lib, local, roles as roles_lib
-from fedjax_fm.algorithm import Algorithm, ClientExecution, LossFn, ServerState, default_execution
+from fedjax_fm.algorithm import (Algorithm, ClientExecution, LossFn, ServerState,
+                                  default_execution, shared_bytes, stacked_personal)
 from fedjax_fm.cohort import Cohort
 from fedjax_fm.models import heads as heads_lib
 from fedjax_fm.roles import FROZEN, PERSONAL, SHARED
@@ -374,14 +375,11 @@ def feddat(logits_fn: LogitsFn, roles: PyTree, params: PyTree, *,
                        opt_state=server_optimizer.init(shared))
 
   def init_clients(params: PyTree, num_clients: int) -> PyTree:
-    personal = roles_lib.select(params, roles, PERSONAL)
-    return jax.tree_util.tree_map(lambda x: jnp.array(clients.broadcast(x, num_clients)),
-                                  personal)
+    return stacked_personal(params, roles, num_clients)
 
   def bytes_per_client(params: PyTree) -> tuple[int, int]:
     """Only the global adapter A_s (the shared leaves) goes down and comes back up."""
-    n = roles_lib.tree_bytes(roles_lib.select(params, roles, SHARED))
-    return n, n
+    return shared_bytes(params, roles)
 
   def round_fn(server: ServerState, client_states: PyTree, cohort: Cohort, rng: jax.Array):
     shared = roles_lib.select(server.params, roles, SHARED)
@@ -409,15 +407,12 @@ def feddat(logits_fn: LogitsFn, roles: PyTree, params: PyTree, *,
     new_shared, new_opt_state = aggregate.server_update(server_optimizer, shared,
                                                         server.opt_state, mean_delta)
     any_ok = jnp.any(ok)  # with no healthy client nothing on the server moves
-    keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(any_ok, a, b), new, old)
-    new_shared, new_opt_state = keep((new_shared, new_opt_state), (shared, server.opt_state))
+    new_shared, new_opt_state = aggregate.keep_if(any_ok, (new_shared, new_opt_state),
+                                                  (shared, server.opt_state))
 
     client_states = clients.scatter_rows(client_states, ids, new_personal, keep=ok)
-    sums = jax.tree_util.tree_map(lambda s: jnp.sum(jnp.where(ok, s, 0.0)), sums)
-    examples = sums.pop("count")
-    metrics = {name[:-len("_sum")]: s / jnp.maximum(examples, 1.0) for name, s in sums.items()}
+    metrics = aggregate.example_means(sums, ok)
     metrics["num_nonfinite_clients"] = cohort.num_clients - jnp.sum(ok)
-    metrics["examples"] = examples
     server = server.replace(round=server.round + 1,
                             params=roles_lib.merge(new_shared, frozen),
                             opt_state=new_opt_state)

@@ -60,7 +60,8 @@ import optax
 from flax import struct
 
 from fedjax_fm import aggregate, clients, local, roles as roles_lib
-from fedjax_fm.algorithm import Algorithm, ClientExecution, LossFn, ServerState, default_execution
+from fedjax_fm.algorithm import (Algorithm, ClientExecution, LossFn, ServerState,
+                                  default_execution, shared_bytes, stacked_personal)
 from fedjax_fm.cohort import Cohort
 from fedjax_fm.roles import FROZEN, PERSONAL, SHARED
 
@@ -329,13 +330,10 @@ def ffgg_algorithm(
                        opt_state=server_optimizer.init(shared), extra=extra)
 
   def init_clients(params: PyTree, num_clients: int) -> PyTree:
-    personal = roles_lib.select(params, roles, PERSONAL)
-    return jax.tree_util.tree_map(lambda x: jnp.array(clients.broadcast(x, num_clients)),
-                                  personal)
+    return stacked_personal(params, roles, num_clients)
 
   def bytes_per_client(params: PyTree) -> tuple[int, int]:
-    n = roles_lib.tree_bytes(roles_lib.select(params, roles, SHARED))
-    return n, n
+    return shared_bytes(params, roles)
 
   def start_personal(rows: PyTree, k: int, extra: FFGGExtra, rng: jax.Array) -> PyTree:
     """Where the K sampled clients' y start this round (see `personal_init`)."""
@@ -475,8 +473,8 @@ def ffgg_algorithm(
                                                         server.opt_state, reduced)
     # With no accepted client the server state must not move (not even optimizer moments).
     any_ok = jnp.any(weights > 0)
-    keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(any_ok, a, b), new, old)
-    new_shared, new_opt_state = keep((new_shared, new_opt_state), (shared, server.opt_state))
+    new_shared, new_opt_state = aggregate.keep_if(any_ok, (new_shared, new_opt_state),
+                                                  (shared, server.opt_state))
 
     extra = server.extra
     if asynchronous:
@@ -486,12 +484,8 @@ def ffgg_algorithm(
                                / jnp.maximum(jnp.sum(real), 1))
 
     client_states = clients.scatter_rows(client_states, ids, new_personal, keep=ok)
-    sums = jax.tree_util.tree_map(lambda s: jnp.sum(jnp.where(ok, s, 0.0)), sums)
-    examples = sums.pop("count")
-    metrics.update({name[:-len("_sum")]: s / jnp.maximum(examples, 1.0)
-                    for name, s in sums.items()})
+    metrics.update(aggregate.example_means(sums, ok))
     metrics["num_nonfinite_clients"] = k - jnp.sum(accepted)
-    metrics["examples"] = examples
     server = server.replace(round=server.round + 1, params=roles_lib.merge(new_shared, frozen),
                             opt_state=new_opt_state, extra=extra)
     return server, client_states, metrics

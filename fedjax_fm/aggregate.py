@@ -142,3 +142,19 @@ def server_update(optimizer: optax.GradientTransformation, params: PyTree, opt_s
   pseudo_grad = jax.tree_util.tree_map(jnp.negative, mean_delta)
   updates, opt_state = optimizer.update(pseudo_grad, opt_state, params)
   return optax.apply_updates(params, updates), opt_state
+
+
+def keep_if(pred: jax.Array, new: PyTree, old: PyTree) -> PyTree:
+  """`new` where the scalar `pred` holds, else `old`, leaf by leaf (e.g. leave the server state
+  unchanged, optimizer moments included, when no client of the round was healthy)."""
+  return jax.tree_util.tree_map(lambda a, b: jnp.where(pred, a, b), new, old)
+
+
+def example_means(sums: PyTree, ok: jax.Array) -> dict[str, jax.Array]:
+  """Round metrics from per-client sums `{"<m>_sum": [K], "count": [K]}` of the clients in `ok`:
+  `{"<m>": example-weighted mean, "examples": total count}`."""
+  sums = jax.tree_util.tree_map(lambda s: jnp.sum(jnp.where(ok, s, 0.0)), sums)
+  examples = sums.pop("count")
+  metrics = {name[:-len("_sum")]: s / jnp.maximum(examples, 1.0) for name, s in sums.items()}
+  metrics["examples"] = examples
+  return metrics

@@ -18,10 +18,11 @@ import dataclasses
 from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
+import jax.numpy as jnp
 from flax import struct
 from jax.sharding import Mesh
 
-from fedjax_fm import clients as clients_lib, sharding
+from fedjax_fm import clients as clients_lib, roles as roles_lib, sharding
 
 PyTree = Any
 # loss_fn(params, batch, rng) -> (per-example loss [B], {metric name: per-example value [B]}).
@@ -58,6 +59,20 @@ class Algorithm(NamedTuple):
   init_clients: Callable[[PyTree, int], PyTree]
   round: Callable[..., tuple[ServerState, PyTree, Mapping[str, jax.Array]]]
   bytes_per_client: Callable[[PyTree], tuple[int, int]]
+
+
+def stacked_personal(params: PyTree, roles: PyTree, num_clients: int) -> PyTree:
+  """`init_clients` of most algorithms: every client starts from the initial personal leaves,
+  stacked on a leading client axis (an empty tree when nothing is personal)."""
+  personal = roles_lib.select(params, roles, roles_lib.PERSONAL)
+  return jax.tree_util.tree_map(lambda x: jnp.array(clients_lib.broadcast(x, num_clients)),
+                                personal)
+
+
+def shared_bytes(params: PyTree, roles: PyTree) -> tuple[int, int]:
+  """`bytes_per_client` when exactly the shared leaves go down and come back up."""
+  n = roles_lib.tree_bytes(roles_lib.select(params, roles, roles_lib.SHARED))
+  return n, n
 
 
 @dataclasses.dataclass(frozen=True)

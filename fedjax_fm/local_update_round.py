@@ -23,7 +23,7 @@ import optax
 
 from fedjax_fm import aggregate, clients, local, roles as roles_lib
 from fedjax_fm.algorithm import (Algorithm, ClientExecution, LossFn, ServerState,
-                                  default_execution)
+                                  default_execution, shared_bytes, stacked_personal)
 from fedjax_fm.cohort import Cohort
 from fedjax_fm.roles import FROZEN, PERSONAL, SHARED
 
@@ -78,13 +78,10 @@ def local_update_algorithm(
                        opt_state=server_optimizer.init(shared))
 
   def init_clients(params: PyTree, num_clients: int) -> PyTree:
-    personal = roles_lib.select(params, roles, PERSONAL)
-    return jax.tree_util.tree_map(lambda x: jnp.array(clients.broadcast(x, num_clients)),
-                                  personal)
+    return stacked_personal(params, roles, num_clients)
 
   def bytes_per_client(params: PyTree) -> tuple[int, int]:
-    n = roles_lib.tree_bytes(roles_lib.select(params, roles, SHARED))
-    return n, n
+    return shared_bytes(params, roles)
 
   def round_fn(server: ServerState, client_states: PyTree, cohort: Cohort, rng: jax.Array):
     shared = roles_lib.select(server.params, roles, SHARED)
@@ -126,15 +123,12 @@ def local_update_algorithm(
                                                         server.opt_state, mean_delta)
     # With no healthy client the server state must not move (not even optimizer moments).
     any_ok = jnp.any(ok)
-    keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(any_ok, a, b), new, old)
-    new_shared, new_opt_state = keep((new_shared, new_opt_state), (shared, server.opt_state))
+    new_shared, new_opt_state = aggregate.keep_if(any_ok, (new_shared, new_opt_state),
+                                                  (shared, server.opt_state))
 
     client_states = clients.scatter_rows(client_states, ids, new_personal, keep=ok)
-    sums = jax.tree_util.tree_map(lambda s: jnp.sum(jnp.where(ok, s, 0.0)), sums)
-    examples = sums.pop("count")
-    metrics = {name[:-len("_sum")]: s / jnp.maximum(examples, 1.0) for name, s in sums.items()}
+    metrics = aggregate.example_means(sums, ok)
     metrics["num_nonfinite_clients"] = k - jnp.sum(ok)
-    metrics["examples"] = examples
     server = server.replace(round=server.round + 1,
                             params=roles_lib.merge(new_shared, frozen),
                             opt_state=new_opt_state)
