@@ -38,8 +38,8 @@ def _check_positive(**values):
 
 def train(alg: Algorithm, params: PyTree,
           train_data: cohort_lib.FederatedData | cohort_lib.GroupedData, *,
-          rounds: int, cohort_size: int | tuple[int, ...], batch_size: int, local_steps: int | None = None,
-          local_epochs: int | None = None, seed: int = 0, mesh=None,
+          rounds: int, cohort_size: int | tuple[int, ...], batch_size: int,
+          local_steps: int | None = None, local_epochs: int | None = None, seed: int = 0, mesh=None,
           evaluate: Callable[[PyTree, PyTree], dict] | None = None, eval_every: int = 10,
           workdir: str | None = None, checkpoint_every: int = 0, keep_checkpoints: int = 3,
           resume: bool = False, fallback_checkpoint: bool = False,
