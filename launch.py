@@ -22,6 +22,7 @@ from fedjax_fm import algorithms, assets, data, models, roles, rundir, sharding
 from fedjax_fm.algorithm import ClientExecution, default_execution
 from fedjax_fm.checkpoint import CheckpointError
 from fedjax_fm.algorithms import feddat as feddat_lib
+from fedjax_fm.algorithms import fedbone as fedbone_lib
 from fedjax_fm.data import suite, text
 from fedjax_fm.evaluate import make_evaluator
 from fedjax_fm.train import train
@@ -64,7 +65,8 @@ def _digits_vqa(config):
   return group.train, group.test
 
 
-DATASETS = {"digits": _digits, "shakespeare_play": _shakespeare_play, "digits_vqa": _digits_vqa}
+DATASETS = {"digits": _digits, "shakespeare_play": _shakespeare_play, "digits_vqa": _digits_vqa,
+            "multitask_suite": fedbone_lib.build_data}  # GroupedData: one group per task
 
 
 def build_data(config):
@@ -115,7 +117,7 @@ def _pretrained(config, train_data):
 
 
 MODELS = {"mlp": _small_model, "cnn": _small_model, "minilm": _pretrained,
-          "pretrained": _pretrained}
+          "pretrained": _pretrained, "fedbone": fedbone_lib.build_model}
 
 
 def build_model(config, train_data):
@@ -169,6 +171,8 @@ def build_algorithm(config, graphdef, params, role_tree, input_keys, execution):
   """(algorithm, test data -> evaluate function) of `config.algorithm`."""
   if config.algorithm.name == "feddat":
     return _feddat(config, graphdef, params, role_tree, input_keys, execution)
+  if config.algorithm.name in fedbone_lib.ALGORITHMS:  # graphdef: a fedbone_lib.SplitModel
+    return fedbone_lib.build_algorithm(config, graphdef, params, role_tree, execution)
   if config.algorithm.name not in algorithms.REGISTRY:
     raise ValueError(f"unknown algorithm {config.algorithm.name!r}; choose one of "
                      f"{sorted([*algorithms.REGISTRY, 'feddat'])}")

@@ -63,7 +63,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from fedjax_fm import aggregate, clients as clients_lib, local, roles as roles_lib
+from fedjax_fm import aggregate, clients as clients_lib, evaluate as evaluate_lib, local
+from fedjax_fm import roles as roles_lib
 from fedjax_fm.algorithm import (Algorithm, ClientExecution, ServerState, default_execution,
                                   stacked_personal)
 from fedjax_fm.cohort import Cohort, FederatedData, make_cohort, steps_for_epochs
@@ -492,52 +493,187 @@ def general_roles_for(params: PyTree, train: str) -> PyTree:
   raise ValueError(f"unknown general-model training {train!r}; use 'full' or 'lora'")
 
 
-def make_evaluator(general_fn: GeneralFn, groups: Sequence[TaskGroup],
-                   tests: Sequence[FederatedData], batch_size: int = 64, chunk_size: int = 16):
-  """evaluate(server_params, client_states tuple) -> ``{"personalized/<group>/<metric>": v}``.
+def make_group_evaluator(general_fn: GeneralFn, group: TaskGroup, test: FederatedData,
+                         batch_size: int = 64, chunk_size: int = 16):
+  """evaluate(server_params, group_client_states) -> ``{"personalized/<metric>": mean,
+  "personalized/per_client_<metric>": [n]}`` for one task group.
 
   Every client is evaluated with its own client model and the server's general model on its own
-  test split; metrics are example-weighted means over all clients of a group (clients without
-  test data do not count). One jitted program for all groups.
+  test split; means are example-weighted over all the group's clients (clients without test data
+  do not count). Combine groups with `fedjax_fm.evaluate.combine_group_evaluators`
+  (`make_evaluator`).
   """
-  groups = tuple(groups)
-  if len(tests) != len(groups):
-    raise ValueError(f"{len(tests)} test federations for {len(groups)} groups")
-  prepared = []
-  for test in tests:
-    b = max(1, min(batch_size, int(np.max(test.sizes, initial=1))))
-    steps = steps_for_epochs(np.maximum(test.sizes, 1), b, 1)
-    prepared.append((test.num_clients, make_cohort(test, np.arange(test.num_clients),
-                                                   steps=steps, batch_size=b, seed=0,
-                                                   round_num=0, epochs=1)))
+  n = test.num_clients
+  b = max(1, min(batch_size, int(np.max(test.sizes, initial=1))))
+  steps = steps_for_epochs(np.maximum(test.sizes, 1), b, 1)
+  batches = make_cohort(test, np.arange(n), steps=steps, batch_size=b, seed=0, round_num=0,
+                        epochs=1)
 
   @jax.jit
   def evaluate(server_params, client_states):
     general = server_params["general"]
-    out = {}
-    for group, (n, batches), states in zip(groups, prepared, client_states):
-      frozen = server_params["clients"][group.name]
+    frozen = server_params["clients"][group.name]
 
-      def client(p, data, mask, group=group, frozen=frozen):
-        params = roles_lib.merge(p, frozen)
+    def client(p, data, mask):
+      params = roles_lib.merge(p, frozen)
 
-        def step(_, inputs):
-          b, m = inputs
-          b = _zero_padding(b, m)
-          tokens, token_mask = group.embed_fn(params, b, None)
-          features = general_fn(general, tokens, token_mask, None)
-          per_example = lambda pp, bb, r: group.task_fn(pp, features, token_mask, bb, r)
-          return None, local.masked_loss(per_example, params, b, m, None)[1]
+      def step(_, inputs):
+        b, m = inputs
+        b = _zero_padding(b, m)
+        tokens, token_mask = group.embed_fn(params, b, None)
+        features = general_fn(general, tokens, token_mask, None)
+        per_example = lambda pp, bb, r: group.task_fn(pp, features, token_mask, bb, r)
+        return None, local.masked_loss(per_example, params, b, m, None)[1]
 
-        _, sums = jax.lax.scan(step, None, (data, mask))
-        return jax.tree_util.tree_map(lambda s: jnp.sum(s, 0), sums)
+      _, sums = jax.lax.scan(step, None, (data, mask))
+      return jax.tree_util.tree_map(lambda s: jnp.sum(s, 0), sums)
 
-      personal = jax.tree_util.tree_map(lambda x: x[:n], states)  # drop padding rows
-      sums = clients_lib.map_clients(client, "chunked", chunk_size)(personal, batches.data,
-                                                                    batches.mask)
-      count = jnp.maximum(jnp.sum(sums.pop("count")), 1.0)
-      out.update({f"personalized/{group.name}/{name[:-len('_sum')]}": jnp.sum(s) / count
-                  for name, s in sums.items()})
+    personal = jax.tree_util.tree_map(lambda x: x[:n], client_states)  # drop padding rows
+    sums = clients_lib.map_clients(client, "chunked", chunk_size)(personal, batches.data,
+                                                                  batches.mask)
+    count = sums.pop("count")
+    total = jnp.maximum(jnp.sum(count), 1.0)
+    out = {f"personalized/{k[:-len('_sum')]}": jnp.sum(v) / total for k, v in sums.items()}
+    out.update({f"personalized/per_client_{k[:-len('_sum')]}": v / jnp.maximum(count, 1.0)
+                for k, v in sums.items()})
     return out
 
   return evaluate
+
+
+def make_evaluator(general_fn: GeneralFn, groups: Sequence[TaskGroup],
+                   tests: Sequence[FederatedData], batch_size: int = 64, chunk_size: int = 16):
+  """evaluate(server_params, client_states tuple) -> ``"personalized/<group>/<metric>"`` per
+  group, plus the example-weighted pooled ``"personalized/<metric>"`` over the groups that
+  report it (`fedjax_fm.evaluate.combine_group_evaluators`) and per-client arrays."""
+  groups = tuple(groups)
+  if len(tests) != len(groups):
+    raise ValueError(f"{len(tests)} test federations for {len(groups)} groups; give one each")
+  return evaluate_lib.combine_group_evaluators(
+      tuple(g.name for g in groups),
+      [make_group_evaluator(general_fn, g, t, batch_size, chunk_size)
+       for g, t in zip(groups, tests)], tuple(tests))
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch wiring: config -> grouped data, the split model, the algorithm and its evaluator
+# ----------------------------------------------------------------------------------------------
+
+# Config algorithm name -> variant.
+ALGORITHMS = {"fedbone": "fedbone", "fedbone_average": "average", "fedbone_local": "local"}
+_HPARAMS = {"projection": "flat", "general_lr": 1e-4, "client_lr": 1e-3, "general_grad": "mean",
+            "weighted": False}
+
+
+class SplitModel(NamedTuple):
+  """What `build_model` hands `build_algorithm`: G, the task groups and the size of one
+  example's embedding per group (tokens, hidden size) for the communication count."""
+  general_fn: GeneralFn
+  groups: tuple[TaskGroup, ...]
+  tokens: tuple[int, ...]
+  hidden_size: int
+
+
+def build_data(config):
+  """(train, test) `GroupedData` of the multi-task suite in ``config.data.groups``
+  (`fedjax_fm.data.suite.build_suite` entries), text tokenised for MiniLM."""
+  from fedjax_fm.cohort import GroupedData  # pylint: disable=g-import-not-at-top
+  from fedjax_fm.data import suite, text  # pylint: disable=g-import-not-at-top
+  built = suite.build_suite([dict(g) for g in config.data.groups], seed=config.seed,
+                            tokenizer=text.minilm_tokenizer(config.data.max_length))
+  return (GroupedData(built.names, tuple(g.train for g in built.groups)),
+          GroupedData(built.names, tuple(g.test for g in built.groups)))
+
+
+def _task_of(name: str, arrays: Mapping[str, np.ndarray]) -> tuple[str, int]:
+  """The client task of a group from its target array: int labels [n] (classification),
+  int maps [n, H, W] (segmentation) or float maps [n, H, W, C] (regression)."""
+  y = arrays.get("y")
+  if y is not None and np.issubdtype(y.dtype, np.integer) and y.ndim == 1:
+    return "classification", int(y.max()) + 1
+  if y is not None and np.issubdtype(y.dtype, np.integer) and y.ndim == 3:
+    return "segmentation", max(int(y.max()) + 1, 2)
+  if y is not None and np.issubdtype(y.dtype, np.floating) and y.ndim == 4:
+    return "regression", int(y.shape[-1])
+  raise ValueError(f"group {name!r}: FedBone's client heads take 'y' as int labels [n], int "
+                   f"maps [n, H, W] or float maps [n, H, W, C]; got "
+                   f"{None if y is None else (y.dtype, y.shape)}")
+
+
+def build_model(config, train):
+  """(SplitModel, params, G's roles, group names) for ``config.model``: G is the encoder of
+  the real all-MiniLM-L6-v2 (``general="minilm"``) or of a tiny random transformer
+  (``"tiny"``), trained fully or by LoRA (``train``), optionally cut to its first
+  ``num_layers`` layers; one client model per group (image patches for ``x`` images, MiniLM's
+  own text embeddings, frozen, for ``input_ids``)."""
+  from fedjax_fm import assets  # pylint: disable=g-import-not-at-top
+  from fedjax_fm.models import pretrained, transformer  # pylint: disable=g-import-not-at-top
+  m = config.model
+  lora = m.lora.to_dict() if m.train == "lora" else None
+  dropout = {"hidden_dropout": m.dropout, "attention_dropout": m.dropout}
+  if m.general == "minilm":
+    backbone = pretrained.from_pretrained(assets.path("all-minilm-l6-v2", download=True),
+                                          lora=lora, seed=config.seed, config_overrides=dropout)
+  elif m.general == "tiny":
+    backbone = transformer.TransformerModel(
+        transformer.TransformerConfig(hidden_size=m.tiny_hidden, num_layers=2, num_heads=2,
+                                      intermediate_size=2 * m.tiny_hidden, vocab_size=30522,
+                                      **dropout),
+        rngs=nnx.Rngs(config.seed), lora=lora)
+  else:
+    raise ValueError(f"unknown config.model.general {m.general!r}; use 'minilm' or 'tiny'")
+  if m.num_layers:
+    backbone.encoder.layers = nnx.List(list(backbone.encoder.layers)[:m.num_layers])
+  graphdef, state = nnx.split(backbone.encoder)
+  general = nnx.to_pure_dict(state)
+  hidden = backbone.config.hidden_size
+  rngs = nnx.Rngs(config.seed + 1)
+  groups, client_params, tokens = [], {}, []
+  for name, fed in zip(train.names, train.groups):
+    arrays = fed.arrays
+    task, outputs = _task_of(name, arrays)
+    if "x" in arrays and arrays["x"].ndim == 4:
+      size, channels = arrays["x"].shape[1], arrays["x"].shape[3]
+      embedder = ImageTokens(size, m.patch_size, channels, hidden, rngs=rngs)
+      tokens.append(1 + (size // m.patch_size) ** 2)
+    elif "input_ids" in arrays:
+      size = 0
+      embedder = TextTokens(backbone.embeddings)
+      tokens.append(arrays["input_ids"].shape[1])
+    else:
+      raise ValueError(f"group {name!r} has neither images 'x' [n, H, W, C] nor 'input_ids'; "
+                       "FedBone's client embedders take one of them")
+    model = ClientModel(embedder, hidden, task, outputs, bottleneck=m.bottleneck, rngs=rngs,
+                        image_size=size or m.patch_size, patch_size=m.patch_size)
+    group, p = client_task_group(name, model)
+    groups.append(group)
+    client_params[name] = p
+  split = SplitModel(encoder_general_fn(graphdef), tuple(groups), tuple(tokens), hidden)
+  return (split, {"general": general, "clients": client_params},
+          general_roles_for(general, m.train), tuple(train.names))
+
+
+def build_algorithm(config, split: SplitModel, params, general_roles, execution):
+  """(algorithm, test GroupedData -> evaluate) for ``config.algorithm`` (a name in
+  `ALGORITHMS`, hyperparameters ``projection``, ``general_lr``, ``client_lr``,
+  ``general_grad``, ``weighted``)."""
+  del params
+  hparams = config.algorithm.hparams.to_dict()
+  unknown = sorted(set(hparams) - set(_HPARAMS))
+  if unknown:
+    raise ValueError(f"algorithm {config.algorithm.name!r} takes no hyperparameter {unknown}; "
+                     f"it takes {sorted(_HPARAMS)}")
+  h = {**_HPARAMS, **hparams}
+  if config.local_steps is None:
+    raise ValueError("FedBone counts split-learning iterations: set config.local_steps (and "
+                     "leave config.local_epochs None)")
+  per_example = [t * split.hidden_size * 4 for t in split.tokens]  # float32 activations
+  alg = fedbone(split.general_fn, split.groups, general_roles=general_roles,
+                variant=ALGORITHMS[config.algorithm.name], projection=h["projection"],
+                general_optimizer=optax.adam(h["general_lr"]),
+                client_optimizer=optax.adam(h["client_lr"]), general_grad=h["general_grad"],
+                weighted=h["weighted"],
+                activation_bytes=[config.local_steps * config.batch_size * b
+                                  for b in per_example],
+                execution=execution)
+  return alg, lambda test: make_evaluator(split.general_fn, split.groups, test.groups)

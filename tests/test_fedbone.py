@@ -210,9 +210,9 @@ def test_two_groups_with_different_heads_run_in_one_compiled_round():
 
   evaluate = fb.make_evaluator(fb.encoder_general_fn(graphdef), groups, feds, batch_size=4)
   out = evaluate(server.params, states)
-  assert set(out) == {"personalized/ink/loss", "personalized/ink/pixel_accuracy",
-                      "personalized/ink/iou", "personalized/text/loss",
-                      "personalized/text/accuracy"}
+  assert {"personalized/ink/loss", "personalized/ink/pixel_accuracy", "personalized/ink/iou",
+          "personalized/text/loss", "personalized/text/accuracy"} <= set(out)
+  assert out["personalized/per_client_loss"].shape == (4,)  # 2 ink + 2 text clients
   assert 0.0 <= float(out["personalized/ink/pixel_accuracy"]) <= 1.0
 
 
