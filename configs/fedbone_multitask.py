@@ -25,7 +25,7 @@ from ml_collections import config_dict
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.rounds = 8
+  c.rounds = 24
   c.data = ml_collections.ConfigDict(dict(
       name="multitask_suite", max_length=24,
       groups=(
@@ -47,9 +47,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
           weighted=False))))
   c.cohort_size = 2                                   # per group
   c.batch_size = 8
-  c.local_steps = 2
+  c.local_steps = 4
   c.local_epochs = config_dict.placeholder(int)
-  c.eval_every = 8                                    # the test sets cost more than a round
+  c.eval_every = 8
   c.checkpoint_every = 0
   c.keep_checkpoints = 1
   c.mesh = (("clients", -1),)
