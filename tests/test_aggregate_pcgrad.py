@@ -13,22 +13,25 @@ KEY = jax.random.key(0)
 pcgrad = jax.jit(aggregate.pcgrad, static_argnames="per_leaf")
 
 
+# The hand examples share one tree shape ({"a": [2, 2], "b": [2, 1]}), so they share two
+# compiled programs (flattened and per leaf).
+
 def test_two_conflicting_gradients_lose_exactly_their_conflicting_components():
-  # g0 = [1, 0], g1 = [-1, 1]: <g0, g1> = -1, |g0|^2 = 1, |g1|^2 = 2.
+  # a0 = [1, 0], a1 = [-1, 1] (b is zero): <g0, g1> = -1, |g0|^2 = 1, |g1|^2 = 2.
   # g0~ = g0 - (-1 / 2) g1 = [0.5, 0.5];  g1~ = g1 - (-1 / 1) g0 = [0, 1].
-  g = {"w": jnp.array([[1.0, 0.0], [-1.0, 1.0]])}
+  g = {"a": jnp.array([[1.0, 0.0], [-1.0, 1.0]]), "b": jnp.zeros((2, 1))}
   for per_leaf in (False, True):
-    out = pcgrad(g, KEY, per_leaf=per_leaf)["w"]
-    np.testing.assert_allclose(out, [[0.5, 0.5], [0.0, 1.0]], atol=1e-7)
+    out = pcgrad(g, KEY, per_leaf=per_leaf)
+    np.testing.assert_allclose(out["a"], [[0.5, 0.5], [0.0, 1.0]], atol=1e-7)
+    np.testing.assert_array_equal(out["b"], g["b"])
     # What is left of each is orthogonal to the other's original gradient.
-    np.testing.assert_allclose(out[0] @ g["w"][1], 0.0, atol=1e-7)
-    np.testing.assert_allclose(out[1] @ g["w"][0], 0.0, atol=1e-7)
+    np.testing.assert_allclose(out["a"][0] @ g["a"][1], 0.0, atol=1e-7)
+    np.testing.assert_allclose(out["a"][1] @ g["a"][0], 0.0, atol=1e-7)
 
 
 def test_non_conflicting_gradients_are_unchanged():
-  g = {"a": jnp.array([[1.0, 2.0], [0.5, 0.0], [3.0, 1.0]]),
-       "b": jnp.array([[[1.0]], [[0.0]], [[2.0]]])}   # every pairwise inner product >= 0
-  for per_leaf in (False, True):
+  g = {"a": jnp.array([[1.0, 2.0], [0.5, 0.0]]), "b": jnp.array([[1.0], [0.0]])}  # dot 0.5
+  for per_leaf in (False, True):  # per leaf: <a0, a1> = 0.5, <b0, b1> = 0
     out = pcgrad(g, KEY, per_leaf=per_leaf)
     for name in g:
       np.testing.assert_array_equal(out[name], g[name])

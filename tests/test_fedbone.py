@@ -7,7 +7,8 @@ import optax
 import pytest
 from flax import nnx
 
-from fedjax_fm import cohort as cohort_lib, local, roles as roles_lib
+from fedjax_fm import cohort as cohort_lib, local, roles as roles_lib, sharding
+from fedjax_fm import runner as runner_lib
 from fedjax_fm.algorithm import ClientExecution
 from fedjax_fm.algorithms import fedbone as fb
 from fedjax_fm.models import transformer as transformer_lib
@@ -134,85 +135,131 @@ def test_split_gradients_equal_the_end_to_end_gradient():
   assert none is None
 
 
-def _tiny_encoder():
+# A second architecture on the same linear G: three tokens per example, mean-pooled into a
+# 3-class softmax head (a personal [2, 3] matrix).
+def _embed_tokens(p, batch, rng):
+  del rng
+  e = p["s"] * batch["x"]                                   # [B, 3, 2]
+  return e, jnp.ones(e.shape[:2], jnp.int32)
+
+
+def _task_classes(p, f, mask, batch, rng):
+  del mask, rng
+  logits = jnp.mean(f, axis=1) @ p["w"]
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
+  return loss, {"accuracy": (jnp.argmax(logits, -1) == batch["y"]).astype(jnp.float32)}
+
+
+def test_two_groups_with_different_heads_run_in_one_compiled_round_on_a_mesh():
+  groups = [_linear_group("reg"),
+            fb.TaskGroup("cls", _embed_tokens, _task_classes, {"s": PERSONAL, "w": PERSONAL})]
+  alg = fb.fedbone(_general, groups, execution=VMAP)
+  params = {"general": {"w": jnp.eye(2)},
+            "clients": {"reg": {"s": jnp.array(1.0), "w": jnp.array([1.0, 1.0])},
+                        "cls": {"s": jnp.array(1.0), "w": jnp.zeros((2, 3))}}}
+  rng = np.random.default_rng(0)
+  feds = [cohort_lib.FederatedData.from_clients(
+              [{"x": rng.normal(size=(n, 2)).astype(np.float32),
+                "y": rng.normal(size=n).astype(np.float32)} for n in (3, 2, 4)]),
+          cohort_lib.FederatedData.from_clients(
+              [{"x": rng.normal(size=(n, 3, 2)).astype(np.float32),
+                "y": rng.integers(0, 3, n).astype(np.int32)} for n in (2, 5)])]
+  mesh = sharding.make_mesh((("clients", 4),), jax.devices()[:4])
+  runner = runner_lib.RoundRunner(alg, mesh)
+  server, states = runner.place(alg.init(params, jax.random.key(0)),
+                                alg.init_clients(params, (4, 4)))  # rows padded to the mesh
+  before = jax.tree_util.tree_map(np.asarray, states)
+  for r in range(2):
+    cohorts = tuple(cohort_lib.make_cohort(f, ids, steps=2, batch_size=2, seed=0, round_num=r)
+                    for f, ids in zip(feds, (np.array([r, 2]), np.array([1]))))
+    server, states, metrics = runner(server, states, cohorts, jax.random.key(r))
+  assert runner.traces == 1 and runner.compilations == 1
+  assert {"reg/loss", "reg/abs_error", "cls/loss", "cls/accuracy",
+          "conflict_fraction"} <= set(metrics)
+  assert all(np.isfinite(float(v)) for v in metrics.values())
+  assert not np.allclose(server.params["general"]["w"], np.eye(2))
+  # Sampled rows moved, the others (client 0 of "cls", the padding rows) did not.
+  assert not np.array_equal(states[1]["w"][1], before[1]["w"][1])
+  for row in (0, 2, 3):
+    np.testing.assert_array_equal(states[1]["w"][row], before[1]["w"][row])
+
+
+def test_suite_client_models_split_gradients_and_evaluation():
+  """A tiny transformer encoder as G with two client models of the suite: image patches with a
+  per-pixel segmentation head, and text tokens (frozen embedding tables) with a classifier."""
   config = transformer_lib.TransformerConfig(hidden_size=16, num_layers=1, num_heads=2,
                                              intermediate_size=32, vocab_size=50,
                                              hidden_dropout=0.0, attention_dropout=0.0)
-  model = transformer_lib.TransformerModel(config, rngs=nnx.Rngs(0),
-                                           lora={"rank": 2, "alpha": 4.0, "targets": ("q",)})
-  return model
 
+  @nnx.jit  # one compiled initialisation instead of an eager program per parameter
+  def build():
+    rngs = nnx.Rngs(0)
+    model = transformer_lib.TransformerModel(config, rngs=rngs,
+                                             lora={"rank": 2, "alpha": 4.0, "targets": ("q",)})
+    ink = fb.ClientModel(fb.ImageTokens(8, 4, 1, 16, rngs=rngs), 16, "segmentation", 2,
+                         bottleneck=4, patch_size=4, rngs=rngs)
+    text = fb.ClientModel(fb.TextTokens(model.embeddings), 16, "classification", 3,
+                          bottleneck=4, rngs=rngs)
+    return model, ink, text
 
-def test_two_groups_with_different_heads_run_in_one_compiled_round():
-  model = _tiny_encoder()
+  model, ink_model, text_model = build()
   graphdef, state = nnx.split(model.encoder)
   general = nnx.to_pure_dict(state)
-  rngs = nnx.Rngs(1)
-  image = lambda: fb.ImageTokens(8, 4, 1, 16, rngs=rngs)
-  groups, client_params = [], {}
-  # Different embedders (image patches, MiniLM-style text tokens) and heads (per-pixel
-  # segmentation, pooled classification): two architectures, one round.
-  for name, model_c in (("ink", fb.ClientModel(image(), 16, "segmentation", 2, bottleneck=4,
-                                               patch_size=4, rngs=rngs)),
-                        ("text", fb.ClientModel(fb.TextTokens(model.embeddings), 16,
-                                                "classification", 3, bottleneck=4, rngs=rngs))):
-    group, p = fb.client_task_group(name, model_c)
-    groups.append(group)
-    client_params[name] = p
-  roles = fb.general_roles_for(general, "lora")
-  assert roles_lib.count(roles, general, "shared") == 2 * 16 * 2  # lora_q a and b only
-  alg = fb.fedbone(fb.encoder_general_fn(graphdef), groups, general_roles=roles,
-                   projection="per_leaf", execution=VMAP)
-  params = {"general": general, "clients": client_params}
-  # The text group's word table is frozen: one copy on the server, not in the client rows.
-  text_rows = alg.init_clients(params, (1, 1))[1]
-  assert text_rows["embedder"]["text"]["word"]["embedding"] is None
-  assert text_rows["embedder"]["text"]["norm"]["scale"].shape == (1, 16)
+  general_roles = fb.general_roles_for(general, "lora")
+  assert roles_lib.count(general_roles, general, "shared") == 2 * 16 * 2  # lora_q a and b
+  general_fn = fb.encoder_general_fn(graphdef)
+  ink, ink_params = fb.client_task_group("ink", ink_model)
+  text, text_params = fb.client_task_group("text", text_model)
+  # The word table is frozen (one copy on the server); the text LayerNorm is personal.
+  assert text.roles["embedder"]["text"]["word"]["embedding"] == roles_lib.FROZEN
+  assert text.roles["embedder"]["text"]["norm"]["scale"] == PERSONAL
 
   rng = np.random.default_rng(0)
-  images = lambda n: rng.uniform(size=(n, 8, 8, 1)).astype(np.float32)
-  feds = [cohort_lib.FederatedData.from_clients(
-              [{"x": (x := images(4)), "y": (x[..., 0] > 0.5).astype(np.int32)}
-               for _ in range(2)]),
-          cohort_lib.FederatedData.from_clients(
-              [{"input_ids": rng.integers(1, 50, (3, 6)).astype(np.int32),
-                "attention_mask": np.ones((3, 6), np.int32),
-                "token_type_ids": np.zeros((3, 6), np.int32),
-                "y": rng.integers(0, 3, 3).astype(np.int32)} for _ in range(2)])]
-  server = alg.init(params, jax.random.key(0))
-  states = alg.init_clients(params, tuple(f.num_clients for f in feds))
-  traces = []
+  batch = {"input_ids": jnp.asarray(rng.integers(1, 50, (3, 6)), jnp.int32),
+           "attention_mask": jnp.asarray([[1] * 6, [1] * 4 + [0] * 2, [1] * 6], jnp.int32),
+           "token_type_ids": jnp.zeros((3, 6), jnp.int32), "y": jnp.array([0, 2, 1])}
+  mask = jnp.array([1.0, 1.0, 0.0])
+  personal = roles_lib.select(text_params, text.roles, PERSONAL)
+  frozen = roles_lib.select(text_params, text.roles, roles_lib.FROZEN)
+  theta = roles_lib.select(general, general_roles, roles_lib.SHARED)
+  theta_frozen = roles_lib.select(general, general_roles, roles_lib.FROZEN)
+  # LoRA's B starts at zero, so dL/dA would be 0: give B a value to test a real gradient.
+  theta = jax.tree_util.tree_map(lambda x: x + 0.1, theta)
 
-  def counted(*args):
-    traces.append(1)
-    return alg.round(*args)
+  @jax.jit
+  def both(personal, theta):
+    split = fb.split_step_gradients(text, general_fn, personal, frozen, theta, theta_frozen,
+                                    batch, mask, None)[:2]
 
-  round_fn = jax.jit(counted)
-  before = jax.tree_util.tree_map(np.asarray, states)
-  for r in range(2):
-    ids = [np.array([0]), np.array([r % 2])]
-    cohorts = tuple(cohort_lib.pad_cohort(cohort_lib.make_cohort(f, i, steps=2, batch_size=2,
-                                                                 seed=0, round_num=r), 2)
-                    for f, i in zip(feds, ids))
-    server, states, metrics = round_fn(server, states, cohorts, jax.random.key(r))
-  assert len(traces) == 1 and round_fn._cache_size() == 1
-  assert {"ink/pixel_accuracy", "ink/iou", "text/accuracy", "conflict_fraction"} <= set(metrics)
-  assert 0.0 <= float(metrics["conflict_fraction"]) <= 1.0
-  assert all(np.isfinite(float(v)) for v in metrics.values())
-  # Only LoRA moved on the server; the ink group's unsampled client 1 kept its row.
-  np.testing.assert_array_equal(server.params["general"]["layers"][0]["attention"]["query"]
-                                ["kernel"], general["layers"][0]["attention"]["query"]["kernel"])
-  assert not np.allclose(server.params["general"]["layers"][0]["attention"]["lora_q"]["b"], 0.0)
-  np.testing.assert_array_equal(states[0]["head"]["projection"]["kernel"][1],
-                                before[0]["head"]["projection"]["kernel"][1])
-  assert not np.array_equal(states[0]["head"]["projection"]["kernel"][0],
-                            before[0]["head"]["projection"]["kernel"][0])
+    def composed(p, th):
+      def loss_fn(params, b, r):
+        tokens, token_mask = text.embed_fn(params, b, r)
+        features = general_fn(roles_lib.merge(th, theta_frozen), tokens, token_mask, r)
+        return text.task_fn(params, features, token_mask, b, r)
+      return local.masked_loss(loss_fn, roles_lib.merge(p, frozen), batch, mask, None)[0]
 
-  evaluate = fb.make_evaluator(fb.encoder_general_fn(graphdef), groups, feds, batch_size=4)
-  out = evaluate(server.params, states)
+    return split, jax.grad(composed, argnums=(0, 1))(personal, theta)
+
+  split, end_to_end = both(personal, theta)
+  for got, want in zip(jax.tree_util.tree_leaves(split), jax.tree_util.tree_leaves(end_to_end)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+  assert float(optax.tree.norm(split[1])) > 0.0
+
+  images = rng.uniform(size=(8, 8, 8, 1)).astype(np.float32)
+  tests = [cohort_lib.FederatedData.from_clients(
+               [{"x": images[:5], "y": (images[:5, ..., 0] > 0.5).astype(np.int32)},
+                {"x": images[5:], "y": (images[5:, ..., 0] > 0.5).astype(np.int32)}]),
+           cohort_lib.FederatedData.from_clients(
+               [{k: np.asarray(v) for k, v in batch.items()}])]
+  alg = fb.fedbone(general_fn, [ink, text], general_roles=general_roles, execution=VMAP)
+  params = {"general": general, "clients": {"ink": ink_params, "text": text_params}}
+  out = fb.make_evaluator(general_fn, [ink, text], tests, batch_size=4)(
+      alg.init(params, jax.random.key(0)).params, alg.init_clients(params, (2, 1)))
   assert {"personalized/ink/loss", "personalized/ink/pixel_accuracy", "personalized/ink/iou",
           "personalized/text/loss", "personalized/text/accuracy"} <= set(out)
-  assert out["personalized/per_client_loss"].shape == (4,)  # 2 ink + 2 text clients
+  assert out["personalized/per_client_loss"].shape == (3,)  # 2 ink + 1 text client
+  # A fresh segmentation head predicts near 50/50: the loss is about ln 2.
+  np.testing.assert_allclose(out["personalized/ink/loss"], np.log(2.0), atol=0.05)
   assert 0.0 <= float(out["personalized/ink/pixel_accuracy"]) <= 1.0
 
 
