@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from fedjax_fm import cohort as cohort_lib, report, sharding
+from fedjax_fm import cohort as cohort_lib, distributed, report, sharding
 from fedjax_fm.algorithm import Algorithm
 from fedjax_fm.checkpoint import Checkpointer
 from fedjax_fm.runner import RoundRunner, padded_rows
@@ -87,19 +87,21 @@ def train(alg: Algorithm, params: PyTree, train_data: cohort_lib.FederatedData, 
       alg.init(params, jax.random.key(seed)),
       alg.init_clients(params, padded_rows(train_data.num_clients, mesh)))
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep_checkpoints) if workdir else None
+  # Multi-host: every process computes and checkpoints; process 0 alone logs, plots and prints.
+  main = distributed.is_main()
   start, history = 0, []
   if resume:
     start, state, meta = ckpt.restore({"server": server, "clients": clients},
                                       fallback=fallback_checkpoint)
     server, clients, history = state["server"], state["clients"], list(meta["history"])
-  log = report.MetricLog(workdir, history) if workdir else None
+  log = report.MetricLog(workdir, history) if workdir and main else None
   down, up = alg.bytes_per_client(params)
   base_key = jax.random.key(seed + 1)
   last_eval = None
 
   # ---- the loop ----
   bar = tqdm(total=rounds, initial=min(start, rounds), desc="round", unit="round",
-             disable=not progress, dynamic_ncols=True)
+             disable=not (progress and main), dynamic_ncols=True)
   t0 = time.perf_counter() - (history[-1]["wall_seconds"] if history else 0.0)
 
   def finish(r, metrics, eval_metrics):
@@ -108,7 +110,7 @@ def train(alg: Algorithm, params: PyTree, train_data: cohort_lib.FederatedData, 
     record = {"round": r + 1, **{f"train/{k}": v for k, v in _scalars(metrics).items()},
               "bytes_down": down * cohort_size, "bytes_up": up * cohort_size}
     if eval_metrics is not None:
-      last_eval = jax.device_get(eval_metrics)
+      last_eval = distributed.fetch(eval_metrics)  # per-client arrays may span hosts
       record.update(_scalars(last_eval))
     record["wall_seconds"] = time.perf_counter() - t0
     history.append(record)
@@ -125,8 +127,12 @@ def train(alg: Algorithm, params: PyTree, train_data: cohort_lib.FederatedData, 
   try:
     for r in range(start, rounds):
       ids = cohort_lib.sample_clients(seed, r, train_data.num_clients, cohort_size)
-      cohort = cohort_lib.make_cohort(train_data, ids, steps=steps, batch_size=batch_size,
-                                      seed=seed, round_num=r, epochs=local_epochs)
+      # Each process builds only its own rows of the cohort (all of them in a single process).
+      cohort = distributed.shard_cohort(
+          lambda part, r=r: cohort_lib.make_cohort(train_data, part, steps=steps,
+                                                   batch_size=batch_size, seed=seed,
+                                                   round_num=r, epochs=local_epochs),
+          ids, mesh)
       server, clients, metrics = runner(server, clients, cohort, jax.random.fold_in(base_key, r))
       eval_metrics = None
       if evaluate is not None and ((r + 1) % eval_every == 0 or r + 1 == rounds):
@@ -152,7 +158,7 @@ def train(alg: Algorithm, params: PyTree, train_data: cohort_lib.FederatedData, 
                   "(a shape or dtype changed between rounds)")
 
   # ---- what the run leaves behind ----
-  if history:
+  if history and main:
     summary = report.summarize(history, last_eval, client_groups)
     text = report.format_summary(summary)
     if progress:
