@@ -37,28 +37,11 @@ from fedjax_fm.cohort import PADDING_ID, Cohort
 
 PyTree = Any
 
-# What `jax.distributed.initialize()` detects by itself, for the error message when asked to
-# read the environment and none of them is there (the variables jax's cluster classes check).
-CLUSTER_ENVIRONMENTS = {
-    "SLURM (srun)": ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
-                     "SLURM_LOCALID"),
-    "Open MPI (mpirun)": ("OMPI_MCA_orte_hnp_uri",),
-    "Cloud TPU VM / pod slice": ("TPU_WORKER_HOSTNAMES",),
-    "explicit (JAX_COORDINATOR_ADDRESS)": ("JAX_COORDINATOR_ADDRESS",),
-}
-
-
-def detected_cluster() -> str | None:
-  """The cluster environment `jax.distributed.initialize()` will read, or None.
-
-  A Cloud TPU VM that is not a pod slice and a Kubernetes job are detected by jax through
-  metadata services rather than variables; they are not listed here, and `initialize` then
-  lets jax try anyway.
-  """
-  for name, variables in CLUSTER_ENVIRONMENTS.items():
-    if all(v in os.environ for v in variables):
-      return name
-  return None
+# The environment variables of the clusters `jax.distributed.initialize()` reads by itself
+# (SLURM under srun, Open MPI under mpirun, GKE TPU pods; a Cloud TPU VM pod slice is found from
+# its metadata server instead). Listed for the error message and the tests.
+CLUSTER_VARIABLES = ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_PROCID", "OMPI_MCA_orte_hnp_uri",
+                     "TPU_WORKER_HOSTNAMES", "JAX_COORDINATOR_ADDRESS")
 
 
 def _is_loopback(address: str) -> bool:
@@ -85,11 +68,14 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     num_processes, process_id: the number of processes and this one's index (0 is the main
       process: it writes metrics and plots).
     from_environment: with no `coordinator`: let `jax.distributed.initialize()` read SLURM,
-      Open MPI or Cloud TPU pod variables (one process per task / rank / TPU VM worker).
+      Open MPI or Cloud TPU pod settings (one process per task / rank / TPU VM worker). Under
+      SLURM and Open MPI jax then shows each process only the GPU of its local rank (one process
+      per GPU); for one process per node set ``JAX_LOCAL_DEVICE_IDS=0,1,...`` to all its GPUs.
     timeout_s: how long to wait for all processes to join.
 
   Raises:
     ValueError: a partial explicit triple, or `from_environment` with no cluster around.
+    RuntimeError: JAX already initialised its devices in this process (jax's own check).
   """
   explicit = (coordinator, num_processes, process_id)
   if all(v is None for v in explicit) and not from_environment:
@@ -100,10 +86,6 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
   if coordinator is not None and not 0 <= process_id < num_processes:
     raise ValueError(f"--process_id={process_id} must be in [0, --num_processes="
                      f"{num_processes}); number the processes 0..{num_processes - 1}")
-  if coordinator is None and detected_cluster() is None and not os.environ.get("TPU_NAME"):
-    raise ValueError("--distributed: no SLURM, Open MPI or TPU pod environment found; launch "
-                     "with srun / mpirun / on the pod, or pass --coordinator, --num_processes "
-                     "and --process_id")
   # Cross-process collectives on the CPU backend need an implementation (gloo is built into
   # jaxlib; "mpi" is the alternative). Set before the CPU client is created; an explicit
   # JAX_CPU_COLLECTIVES_IMPLEMENTATION from the user wins.
@@ -115,7 +97,14 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
                   process_id=process_id)
     if _is_loopback(coordinator):
       kwargs["coordinator_bind_address"] = coordinator
-  jax.distributed.initialize(**kwargs)
+  try:
+    jax.distributed.initialize(**kwargs)
+  except ValueError as e:  # jax found no cluster to read the settings from
+    if coordinator is not None:
+      raise
+    raise ValueError(f"--distributed: no SLURM, Open MPI or TPU pod environment found ({e}); "
+                     "launch with srun / mpirun / on every TPU VM worker, or pass --coordinator, "
+                     "--num_processes and --process_id") from e
   return jax.process_count() > 1
 
 

@@ -172,26 +172,31 @@ def test_shard_cohort_builds_the_padded_cohort_of_a_single_process():
   np.testing.assert_array_equal(np.asarray(cohort.data["x"])[5], make(np.array([12])).data["x"][0])
 
 
-def test_single_process_helpers_and_bad_launch_flags(monkeypatch):
+def test_single_process_helpers_and_bad_launch_flags():
   mesh = sharding.make_mesh((("clients", -1),))
   assert distributed.local_rows(16, mesh) == slice(0, 16)  # one process holds every row
   assert distributed.initialize() is False  # nothing asked: stays single-process
   assert distributed.is_main() and distributed.on_main(lambda: 7, "adding") == 7
   x = jax.device_put(np.arange(8.0), sharding.client_sharding(mesh))
   np.testing.assert_array_equal(distributed.fetch({"a": x})["a"], np.arange(8.0))
-  for variables in distributed.CLUSTER_ENVIRONMENTS.values():
-    for name in variables:
-      monkeypatch.delenv(name, raising=False)
-  monkeypatch.delenv("TPU_NAME", raising=False)
-  assert distributed.detected_cluster() is None
-  with pytest.raises(ValueError, match="no SLURM, Open MPI or TPU pod environment"):
-    distributed.initialize(from_environment=True)
-  for name in distributed.CLUSTER_ENVIRONMENTS["SLURM (srun)"]:
-    monkeypatch.setenv(name, "1")
-  assert distributed.detected_cluster() == "SLURM (srun)"
   with pytest.raises(ValueError, match="go together"):
     distributed.initialize("127.0.0.1:1234", num_processes=2)
   with pytest.raises(ValueError, match="process_id=2 must be in"):
     distributed.initialize("127.0.0.1:1234", num_processes=2, process_id=2)
   assert distributed._is_loopback("127.0.0.1:80") and distributed._is_loopback("[::1]:80")
+  assert distributed._is_loopback("localhost:80")
   assert not distributed._is_loopback("10.0.0.1:80")
+
+
+def test_distributed_without_a_cluster_fails_in_one_line():
+  """`--distributed` outside SLURM / Open MPI / a TPU pod: a ValueError naming the fix (in a
+  fresh process: jax.distributed must come before any device use)."""
+  env = {k: v for k, v in os.environ.items() if k not in distributed.CLUSTER_VARIABLES}
+  code = ("from fedjax_fm import distributed\n"
+          "try:\n  distributed.initialize(from_environment=True)\n"
+          "except ValueError as e:\n  print('ValueError:', e)\n")
+  proc = subprocess.run([sys.executable, "-c", code], env=dict(env, JAX_PLATFORMS="cpu"),
+                        capture_output=True, text=True, timeout=60)
+  assert "ValueError: --distributed: no SLURM, Open MPI or TPU pod environment" in proc.stdout, (
+      proc.stdout + proc.stderr[-2000:])
+  assert "--coordinator, --num_processes and --process_id" in proc.stdout
