@@ -17,7 +17,8 @@ sharded over the mesh's ``clients`` axis):
 Workload: synthetic federated classification (64 features, 10 classes, labels from a fixed
 random linear teacher; 16-48 examples per client, seeded), an MLP 64-256-256-10, 4 local SGD
 steps of batch 16, client lr 0.1. Each point: one warm-up round (compilation, reported
-separately), then `--repeats` timed rounds; the table gives the median (and min-max). Round time
+separately), then `--repeats` timed rounds; the table gives the median (and min-max) and the
+share of the machine's CPU that other processes took meanwhile (`measure.Noise`). Round time
 includes placing the cohort on the devices and waiting for the round's metrics.
 
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/scaling.py \\
@@ -41,10 +42,12 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from fedjax_fm import algorithms, cohort as cohort_lib, models, roles, sharding  # noqa: E402
 from fedjax_fm.algorithm import ClientExecution  # noqa: E402
 from fedjax_fm.runner import RoundRunner, padded_rows  # noqa: E402
+from measure import Noise  # noqa: E402  # benchmarks/measure.py
 
 FEATURES, CLASSES = 64, 10
 
@@ -94,17 +97,19 @@ def time_rounds(work: Workload, mesh, cohort_size: int, repeats: int) -> dict:
     cohorts.append(work.cohort(cohort_size, r))
     build_s.append(time.perf_counter() - t)
   times = []
-  for r, cohort in enumerate(cohorts):
-    t = time.perf_counter()
-    server, clients, metrics = runner(server, clients, cohort, jax.random.key(r + 1))
-    jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - t)
+  with Noise() as noise:
+    for r, cohort in enumerate(cohorts):
+      t = time.perf_counter()
+      server, clients, metrics = runner(server, clients, cohort, jax.random.key(r + 1))
+      jax.block_until_ready(metrics)
+      times.append(time.perf_counter() - t)
   params = jax.tree_util.tree_map(np.asarray, jax.device_get(server.params))
   return {"devices": mesh.devices.size, "cohort": cohort_size,
           "s_per_round": float(np.median(times[1:])), "min_s": float(np.min(times[1:])),
           "max_s": float(np.max(times[1:])), "warmup_s": times[0],
           "cohort_build_s": float(np.median(build_s)), "compilations": runner.compilations,
-          "loss": float(metrics["loss"]), "params": params}
+          "loss": float(metrics["loss"]), "other_cpu": noise.other, "steal_cpu": noise.steal,
+          "params": params}
 
 
 def max_diff(a, b) -> float:
@@ -139,6 +144,11 @@ def cohort_sweep(args) -> list[dict]:
   return rows
 
 
+def _noise(r) -> str:
+  """CPU share other processes / the hypervisor took while the rounds ran (measure.Noise)."""
+  return f"{100 * r['other_cpu']:.0f}/{100 * r['steal_cpu']:.0f}"
+
+
 def tables(dev_rows, coh_rows, args) -> str:
   head = (f"backend {jax.default_backend()} ({len(jax.devices())} devices: "
           f"{jax.devices()[0].device_kind}); FedAvg, MLP 64-{'-'.join(map(str, args.hidden))}-10, "
@@ -147,18 +157,19 @@ def tables(dev_rows, coh_rows, args) -> str:
   out = [head, "",
          f"Devices (cohort {args.device_cohort} of {args.device_clients} clients):",
          "| devices | s/round | min-max s | vs 1 device | warm-up s | max abs diff of params vs "
-         "1 device | compilations |", "|---|---|---|---|---|---|---|"]
+         "1 device | compilations | other/steal CPU % |", "|---|---|---|---|---|---|---|---|"]
   for r in dev_rows:
     out.append(f"| {r['devices']} | {r['s_per_round']:.4f} | {r['min_s']:.4f}-{r['max_s']:.4f} | "
                f"{r['speedup']:.2f}x | {r['warmup_s']:.2f} | {r['max_diff_vs_first']:.1e} | "
-               f"{r['compilations']} |")
+               f"{r['compilations']} | {_noise(r)} |")
   d = coh_rows[0]["devices"] if coh_rows else 0
   out += ["", f"Cohort size (federation of {args.federation} clients, {d} devices):",
-          "| cohort | s/round | min-max s | clients/s | host cohort build s | warm-up s |",
-          "|---|---|---|---|---|---|"]
+          "| cohort | s/round | min-max s | clients/s | host cohort build s | warm-up s | "
+          "other/steal CPU % |", "|---|---|---|---|---|---|---|"]
   for r in coh_rows:
     out.append(f"| {r['cohort']} | {r['s_per_round']:.4f} | {r['min_s']:.4f}-{r['max_s']:.4f} | "
-               f"{r['clients_per_s']:,.0f} | {r['cohort_build_s']:.4f} | {r['warmup_s']:.2f} |")
+               f"{r['clients_per_s']:,.0f} | {r['cohort_build_s']:.4f} | {r['warmup_s']:.2f} | "
+               f"{_noise(r)} |")
   return "\n".join(out)
 
 

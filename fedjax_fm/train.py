@@ -3,7 +3,8 @@
 The algorithm arrives built (`fedjax_fm.algorithms.build`), so this module knows no algorithm.
 Everything random is a pure function of (seed, round), and checkpoints hold the server state, the
 clients' personal state and the metric history, so a resumed run ends bit-identical to an
-uninterrupted one.
+uninterrupted one. In a multi-host run (`fedjax_fm.distributed`) every process runs this loop on
+its share of each cohort and takes part in the checkpoints; process 0 alone writes the rest.
 """
 
 from __future__ import annotations
