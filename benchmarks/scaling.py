@@ -23,7 +23,7 @@ includes placing the cohort on the devices and waiting for the round's metrics.
 
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/scaling.py \\
       --json /tmp/scaling.json --plot results/scaling.png
-  python benchmarks/scaling.py --quick            # seconds: what tests/test_benchmark_scaling.py runs
+  python benchmarks/scaling.py --quick    # seconds: what tests/test_benchmark_scaling.py runs
   python benchmarks/scaling.py --devices 1,2,4,8  # on a host with 8 GPUs (not run here)
 
 Prints two markdown tables (BENCHMARKS.md, "Scaling").

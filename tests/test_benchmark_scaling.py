@@ -32,3 +32,23 @@ def test_quick_scaling_run_is_consistent_across_devices(tmp_path, capsys):
 def test_scaling_refuses_more_devices_than_there_are():
   with pytest.raises(SystemExit):
     scaling.parse_args(["--devices", "1,4096"])
+
+
+def test_client_memory_counts_the_bytes_of_one_clients_personal_leaves():
+  """The memory benchmark's bytes per client, on an MLP whose head is personal: worked out by
+  hand, 64 x 10 kernel + 10 bias float32 = 650 x 4 bytes."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  import client_memory  # pylint: disable=import-outside-toplevel
+  from fedjax_fm import models, roles  # pylint: disable=import-outside-toplevel
+  _, params = models.functional(models.MLP(8, 10, hidden=(64,), rngs=nnx.Rngs(0)))
+  personal_head = roles.assign_roles(params, personal="head")
+  assert client_memory.bytes_per_client(params, personal_head) == 650 * 4
+  assert client_memory.bytes_per_client(params, roles.assign_roles(params)) == 0
+  rows = [{"setting": "head personal", "params_per_client": 650, "bytes_per_client": 2600,
+           "clients_per_gib": 2**30 // 2600, "server_bytes": 4e6, "round_workspace_bytes": 1e6,
+           "gpu80_clients": {"75%": 1, "95%": 2}, "verified_clients": 8,
+           "verified_bytes": 20800, "verified_bytes_per_device": 2600, "rss_growth_bytes": 0,
+           "compile_s": 1.0, "round_s": 0.1}]
+  meta = {"bottleneck": 32, "adapters": "a", "backend": "cpu", "devices": 8, "budget_gib": 1}
+  lines = client_memory.table(rows, meta).splitlines()
+  assert lines[3].startswith("| head personal | 650 | 2,600 | 412,977 |")
