@@ -9,8 +9,12 @@ checkpointed parameters (server and every client's personal state) and the metri
   python benchmarks/multihost_equivalence.py --seeds 0,1,2 --rounds 40 \\
       --workdir /tmp/runs --plot results/multihost.png
 
-The runs land in `<workdir>/mh_single_s<seed>` and `<workdir>/mh_multi_s<seed>`; each is also
-one `launch.py` command (printed as it starts).
+The runs land in `<workdir>/<name>_single_s<seed>` and `<workdir>/<name>_multi_s<seed>`; each is
+also one `launch.py` command (printed as it starts). With a frozen backbone split over an `fsdp`
+axis that stays within each process and `clients` across the processes:
+
+  python benchmarks/multihost_equivalence.py --seeds 0 --rounds 4 --name fsdp --algorithm fedavg \
+      --config configs/default.py:tiny --override="--config.mesh=(('clients', 2), ('fsdp', 2))"
 """
 
 from __future__ import annotations
@@ -85,6 +89,10 @@ def main(argv=None):
   p.add_argument("--workdir", default="/tmp/runs")
   p.add_argument("--plot", default=None)
   p.add_argument("--timeout_s", type=int, default=900)
+  p.add_argument("--override", action="append", default=[],
+                 help="extra launch.py flags for both set-ups, e.g. "
+                 "--override=\"--config.mesh=(('clients', 2), ('fsdp', 2))\"")
+  p.add_argument("--name", default="mh", help="prefix of the run folders")
   args = p.parse_args(argv)
   seeds = [int(s) for s in args.seeds.split(",")]
   os.makedirs(args.workdir, exist_ok=True)
@@ -92,9 +100,9 @@ def main(argv=None):
   for seed in seeds:
     common = ["--config", args.config, f"--config.rounds={args.rounds}",
               f"--config.seed={seed}", f"--config.algorithm.name={args.algorithm}",
-              "--overwrite"]
-    single = os.path.join(args.workdir, f"mh_single_s{seed}")
-    multi = os.path.join(args.workdir, f"mh_multi_s{seed}")
+              "--overwrite", *args.override]
+    single = os.path.join(args.workdir, f"{args.name}_single_s{seed}")
+    multi = os.path.join(args.workdir, f"{args.name}_multi_s{seed}")
     procs = [_launch(common + [f"--workdir={single}"], 4, single + ".log")]
     address = f"127.0.0.1:{_free_port()}"
     for pid in range(2):
@@ -107,8 +115,8 @@ def main(argv=None):
     print(f"seed {seed}: max |params(2 processes) - params(1 process)| = {diff:.2e}", flush=True)
 
   from fedjax_fm import results  # pylint: disable=import-outside-toplevel
-  methods = [results.parse_method(f"1 process x 4 devices={args.workdir}/mh_single_s*"),
-             results.parse_method(f"2 processes x 2 devices={args.workdir}/mh_multi_s*")]
+  methods = [results.parse_method(f"1 process x 4 devices={args.workdir}/{args.name}_single_s*"),
+             results.parse_method(f"2 processes x 2 devices={args.workdir}/{args.name}_multi_s*")]
   metrics = ("personalized/accuracy", "global/accuracy", "train/loss")
   print()
   print(results.table(methods, metrics))
