@@ -3,6 +3,9 @@
   python launch.py                                  # the default: MiniLM + adapters, FedAvg
   python launch.py --config configs/digits.py:tiny --config.rounds=3 --workdir runs/x
   python launch.py --config configs/digits.py:tiny --config.rounds=6 --workdir runs/x --resume
+  # multi-host: the same command on every host (README, "Running on clusters")
+  python launch.py --distributed --workdir /shared/runs/x          # under srun / mpirun / a TPU pod
+  python launch.py --coordinator=10.0.0.1:1234 --num_processes=2 --process_id=0 --workdir ...
 
 This file is the one place a config becomes objects (`build_*`); the loop is `fedjax_fm.train`.
 Configuration mistakes end in one line naming the problem and the fix, with exit status 1, before
@@ -18,7 +21,7 @@ from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
-from fedjax_fm import algorithms, assets, data, models, roles, rundir, sharding
+from fedjax_fm import algorithms, assets, data, distributed, models, roles, rundir, sharding
 from fedjax_fm.algorithm import ClientExecution, default_execution
 from fedjax_fm.checkpoint import CheckpointError
 from fedjax_fm.algorithms import feddat as feddat_lib
@@ -36,6 +39,14 @@ flags.DEFINE_bool("overwrite", False, "Start anew in a --workdir that holds a ru
 flags.DEFINE_bool("allow_config_change", False, "Let --resume continue with a different config.")
 flags.DEFINE_bool("fallback_checkpoint", False, "If the last checkpoint is damaged, resume from "
                   "the one before it.")
+flags.DEFINE_bool("distributed", False, "Multi-host run: initialise jax.distributed from the "
+                  "SLURM, Open MPI or Cloud TPU pod environment (one process per task / rank / "
+                  "TPU VM worker).")
+flags.DEFINE_string("coordinator", None, "Multi-host run with explicit settings: host:port of "
+                    "process 0 (needs --num_processes and --process_id).")
+flags.DEFINE_integer("num_processes", None, "Multi-host run: the number of processes.")
+flags.DEFINE_integer("process_id", None, "Multi-host run: this process's index, 0 .. "
+                     "num_processes - 1 (process 0 writes metrics and plots).")
 FLAGS = flags.FLAGS
 
 
@@ -206,9 +217,10 @@ def run(config, workdir=None, *, resume=False, overwrite=False, allow_config_cha
   if config.cohort_size > train_data.num_clients:
     raise ValueError(f"config.cohort_size={config.cohort_size} is larger than the "
                      f"{train_data.num_clients} clients of the federation; lower it")
-  if workdir:
-    rundir.prepare(workdir, config.to_json_best_effort(), resume=resume, overwrite=overwrite,
-                   allow_config_change=allow_config_change)
+  if workdir:  # multi-host: process 0 checks and prepares the (shared) workdir for all
+    distributed.on_main(lambda: rundir.prepare(
+        workdir, config.to_json_best_effort(), resume=resume, overwrite=overwrite,
+        allow_config_change=allow_config_change), "preparing the workdir")
   elif resume:
     raise ValueError("--resume needs the --workdir of the run to continue")
   evaluate = evaluate_fn(test_data)
@@ -243,6 +255,9 @@ def main(argv):
   if not FLAGS["verbosity"].present:  # orbax logs every save at INFO; keep the console readable
     logging.set_verbosity(logging.WARNING)
   try:
+    # Before anything touches a device: a multi-host run joins its processes first.
+    distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id,
+                           from_environment=FLAGS.distributed)
     run(FLAGS.config, FLAGS.workdir, resume=FLAGS.resume, overwrite=FLAGS.overwrite,
         allow_config_change=FLAGS.allow_config_change,
         fallback_checkpoint=FLAGS.fallback_checkpoint)
