@@ -72,17 +72,19 @@ def _digits_vqa(config):
   group = suite.digits_vqa_group(data.PartitionConfig.from_mapping(d.partition), seed=config.seed,
                                  test_fraction=d.test_fraction, families=tuple(d.families),
                                  tokenizer=text.minilm_tokenizer(d.max_length))
-  return group.train, group.test
+  return group.train, group.test, list(group.client_keys)
 
 
 DATASETS = {"digits": _digits, "shakespeare_play": _shakespeare_play, "digits_vqa": _digits_vqa}
 
 
 def build_data(config):
-  """(train, test) federations of `config.data.name`, each client with its own test split."""
+  """(train, test, client groups) of `config.data.name`: federations with a test split per
+  client, and a group name per client (its domain, for the summary's per-group rows) or None."""
   if config.data.name not in DATASETS:
     raise ValueError(f"unknown data set {config.data.name!r}; available: {sorted(DATASETS)}")
-  return DATASETS[config.data.name](config)
+  train_data, test_data, *groups = DATASETS[config.data.name](config)
+  return train_data, test_data, (groups[0] if groups else None)
 
 
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -207,7 +209,7 @@ def run(config, workdir=None, *, resume=False, overwrite=False, allow_config_cha
         fallback_checkpoint=False, progress=True):
   """Builds everything from `config` and trains; returns the metric history."""
   check_config(config)
-  train_data, test_data = build_data(config)
+  train_data, test_data, client_groups = build_data(config)
   graphdef, params, role_tree, input_keys = build_model(config, train_data)
   mesh = sharding.make_mesh(tuple(tuple(a) for a in config.mesh))
   alg, evaluate_fn = build_algorithm(config, graphdef, params, role_tree, input_keys,
@@ -231,7 +233,7 @@ def run(config, workdir=None, *, resume=False, overwrite=False, allow_config_cha
                mesh=mesh, evaluate=evaluate, eval_every=config.eval_every, workdir=workdir,
                checkpoint_every=config.checkpoint_every, keep_checkpoints=config.keep_checkpoints,
                resume=resume, fallback_checkpoint=fallback_checkpoint,
-               param_shardings=shardings, progress=progress)
+               client_groups=client_groups, param_shardings=shardings, progress=progress)
 
 
 def parse_flags(argv):
