@@ -37,11 +37,11 @@ from fedjax_fm.cohort import PADDING_ID, Cohort
 
 PyTree = Any
 
-# The environment variables of the clusters `jax.distributed.initialize()` reads by itself
-# (SLURM under srun, Open MPI under mpirun, GKE TPU pods; a Cloud TPU VM pod slice is found from
-# its metadata server instead). Listed for the error message and the tests.
+# The environment variables by which `jax.distributed.initialize()` recognises a cluster (SLURM
+# under srun, Open MPI under mpirun, GKE TPU pods, Kubernetes jobs; a Cloud TPU VM pod slice is
+# found from its metadata server instead). The tests clear them to be outside any cluster.
 CLUSTER_VARIABLES = ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_PROCID", "OMPI_MCA_orte_hnp_uri",
-                     "TPU_WORKER_HOSTNAMES", "JAX_COORDINATOR_ADDRESS")
+                     "TPU_WORKER_HOSTNAMES", "KUBERNETES_SERVICE_HOST", "JAX_COORDINATOR_ADDRESS")
 
 
 def _is_loopback(address: str) -> bool:
