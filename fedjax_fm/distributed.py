@@ -15,8 +15,9 @@ differs per process is only I/O:
   shards (`fedjax_fm.checkpoint`).
 
 On CPU, cross-process collectives go through gloo (`jax_cpu_collectives_implementation`), which
-is how the 2-process test runs on one machine. A run's workdir must be a path all processes see
-(a shared file system or a bucket).
+is how the 2-process test runs on one machine. A run's workdir must be a folder all processes
+see: a shared file system, or a bucket mounted as one (gcsfuse), since the workdir is written
+with plain file I/O.
 
 Single-process runs never call `jax.distributed`, and every helper here is then the plain
 single-process operation.
