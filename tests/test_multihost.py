@@ -28,9 +28,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = ["--config", os.path.join(ROOT, "configs", "digits.py") + ":tiny",
        "--config.algorithm.name=fedper", "--config.checkpoint_every=2",
        "--config.eval_every=2"]
-# The whole file must end within 90 s: past this, every process still running is killed and the
-# test fails. A machine shared with other work can raise it (the CPU time is what is budgeted).
-DEADLINE_S = float(os.environ.get("FEDJAX_FM_MULTIHOST_DEADLINE_S", 80))
+# A hang guard, not a timing assertion: past this, every process still running is killed and the
+# test fails. Alone on 2 cores each launch takes well under a minute; the margin is for CI
+# machines shared with other work (raise it with the variable on slower ones).
+DEADLINE_S = float(os.environ.get("FEDJAX_FM_MULTIHOST_DEADLINE_S", 300))
 
 
 def _free_port():
