@@ -270,9 +270,11 @@ def test_size_report_and_bytes():
   assert report["shared_bytes"] == 4 * (lora + head)
   alg = fedpft(model_forward(graphdef, INPUTS), roles, params, keep_neurons=KEEP,
                retained_layers=(0,), public=_public(), align_every=2, align_steps=1)
-  sub_ffn = 16 * 6 + 6 + 6 * 16 + 16 + 2 * 16  # fc_in, fc_out, mlp_norm of layer 1
-  counts = 6 * 4 + 4
-  assert alg.bytes_per_client(params) == (4 * (lora + head) + 4 * sub_ffn // 2,
+  # 3 of 6 neurons re-aligned: fc_in column + bias + fc_out row + index, then fc_out's bias and
+  # the LayerNorm of layer 1; up: 6 activity counts and a token count. Every 2nd round.
+  refresh = 4 * (3 * (16 + 1 + 16 + 1) + 16 + 2 * 16)
+  counts = 4 * (6 + 1)
+  assert alg.bytes_per_client(params) == (4 * (lora + head) + refresh // 2,
                                           4 * (lora + head) + counts // 2)
 
 
