@@ -448,7 +448,8 @@ def fedpft(forward: Forward, roles: PyTree, params: PyTree, *,
     ``params`` and a `ProxyState` in ``extra``. Round metrics: ``loss``, ``accuracy`` (on the
     sub-FM during local training), ``ffn_inactive_fraction`` / ``ffn_exact_zero_fraction``
     (compressed layers' activations), ``neuron_align`` (1 on alignment rounds),
-    ``neuron_align_loss_start`` / ``_end``, ``num_nonfinite_clients``, ``examples``.
+    ``neuron_align_loss_start`` / ``_end``, ``layer_align_loss_start`` / ``_end`` (of init's
+    layer-level alignment), ``num_nonfinite_clients``, ``examples``.
 
   Raises:
     ValueError: for inconsistent roles or hyperparameters.
@@ -595,6 +596,9 @@ def fedpft(forward: Forward, roles: PyTree, params: PyTree, *,
       metrics["ffn_inactive_fraction"] = 1.0 - jnp.sum(stats[_ACTIVE]) / cells
       metrics["ffn_exact_zero_fraction"] = stats[_ZEROS] / cells
     metrics.update(aggregate.example_means(sums, ok))
+    if layer_align_steps:  # reported with every round, so runs log what init's alignment did
+      metrics["layer_align_loss_start"] = server.extra.layer_alignment[0]
+      metrics["layer_align_loss_end"] = server.extra.layer_alignment[1]
     metrics["num_nonfinite_clients"] = cohort.num_clients - jnp.sum(ok)
 
     if align_every:
@@ -660,7 +664,8 @@ def shakespeare_public_inputs(*, num_plays_held: int, count: int, max_length: in
 
 def build_fedpft(config, graphdef, params, role_tree, input_keys, execution):
   """launch.py's builder: FedPFT or a baseline (``hparams.variant``) on the Shakespeare
-  play-classification clients, with the public split of `shakespeare_public_inputs`.
+  play-classification clients, with the public split of `shakespeare_public_inputs` (one
+  fixed draw, the same for every seed, as a server's corpus would be).
 
   Returns:
     (algorithm, test data -> evaluate function); evaluation is of the full FM with the
@@ -686,7 +691,7 @@ def build_fedpft(config, graphdef, params, role_tree, input_keys, execution):
   if aligned:
     public = shakespeare_public_inputs(
         num_plays_held=config.data.num_plays, count=hp.get("public_examples", 256),
-        max_length=config.data.max_length, seed=config.seed, unit=config.data.unit,
+        max_length=config.data.max_length, seed=0, unit=config.data.unit,
         input_keys=input_keys)
   alg = fedpft(model_forward(graphdef, input_keys), role_tree, params,
                keep_neurons=None if full else hp.get("keep_neurons", 384),
