@@ -97,7 +97,8 @@ class ProxyState:
     sub_ffn: {layer index: {"mlp": {"fc_in", "fc_out"}, "mlp_norm"}} of every compressed layer,
       with ``keep_neurons`` FFN neurons (see `compress_ffn`).
     activity: [compressed layers, keep_neurons], the fraction of the clients' real tokens on
-      which each neuron was active in the last round (what neuron-level alignment ranks by).
+      which each neuron was active in the last round (what neuron-level alignment ranks by);
+      None when nothing is compressed.
     layer_alignment: [2], the layer-level alignment loss at its first and last step (zeros
       without layer-level alignment).
   """
@@ -531,9 +532,10 @@ def fedpft(forward: Forward, roles: PyTree, params: PyTree, *,
     if layer_distill is not None:
       sub, losses = layer_distill(sub, full, None, rng)
       layer_losses = jnp.stack([losses["loss"][0], losses["loss"][-1]])
-    extra = ProxyState(sub_ffn=sub,
-                       activity=jnp.zeros((len(compressed), num_neurons), jnp.float32),
-                       layer_alignment=layer_losses)
+    # Nothing compressed (the full-FM baseline): no activity to keep (and orbax refuses
+    # zero-size arrays in checkpoints).
+    activity = jnp.zeros((len(compressed), num_neurons), jnp.float32) if compressed else None
+    extra = ProxyState(sub_ffn=sub, activity=activity, layer_alignment=layer_losses)
     return ServerState(round=jnp.zeros((), jnp.int32), params=full,
                        opt_state=server_optimizer.init(shared), extra=extra)
 

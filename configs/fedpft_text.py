@@ -7,13 +7,14 @@ Clients train on the sub-FM: layers 1-4 keep 384 of their 1536 FFN neurons (the 
 FM by layer-level distillation before FL and neuron-level distillation every 2 rounds, on
 speeches of Shakespeare plays that no client holds (the server's public split). The FM with the
 aggregated LoRA is what is evaluated. Data: Shakespeare speeches -> play (4 plays, 200 each, 24
-tokens) over 16 clients, Dirichlet(0.5) label skew; IID by override.
+tokens) over 16 clients, Dirichlet(0.5) label skew; IID labels by alpha=1e4 (the data set
+deals speeches by Dirichlet label skew only).
 
   python launch.py --config configs/fedpft_text.py --workdir runs/fedpft
   python launch.py --config configs/fedpft_text.py:tiny
   python launch.py --config configs/fedpft_text.py --config.algorithm.hparams.variant=fedot
   python launch.py --config configs/fedpft_text.py --config.algorithm.hparams.variant=full
-  python launch.py --config configs/fedpft_text.py --config.data.partition.kind=iid
+  python launch.py --config configs/fedpft_text.py --config.data.partition.alpha=10000  # IID
 
 Variants (``algorithm.hparams.variant``): ``fedpft``; ``fedot``, the same sub-FM without any
 alignment (FedOT-like); ``full``, FedAvg on LoRA of the uncompressed FM (the upper bound).
