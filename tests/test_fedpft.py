@@ -291,3 +291,16 @@ def test_bad_configurations_fail_early():
            keep_neurons=KEEP)
   with pytest.raises(ValueError, match="align batch size"):
     fedpft(forward, roles, params, keep_neurons=KEEP, public=_public(4), layer_align_steps=1)
+
+
+def test_full_fm_baseline_keeps_no_sub_fm_state():
+  """keep_neurons=None: the sub-FM is the FM, nothing to align, no activity array (orbax
+  cannot checkpoint a zero-size one), and only LoRA + head go each way."""
+  graphdef, params, roles = _model()
+  alg = fedpft(model_forward(graphdef, INPUTS), roles, params, keep_neurons=None)
+  server = alg.init(params, jax.random.key(0))
+  assert server.extra.sub_ffn == {} and server.extra.activity is None
+  assert size_report(params, roles, None)["sub_fm_params"] == size_report(params, roles,
+                                                                           None)["fm_params"]
+  shared = roles_lib.tree_bytes(roles_lib.select(params, roles, SHARED))
+  assert alg.bytes_per_client(params) == (shared, shared)
