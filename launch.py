@@ -3,6 +3,9 @@
   python launch.py                                  # the default: MiniLM + adapters, FedAvg
   python launch.py --config configs/digits.py:tiny --config.rounds=3 --workdir runs/x
   python launch.py --config configs/digits.py:tiny --config.rounds=6 --workdir runs/x --resume
+  # multi-host: the same command on every host (README, "Running on clusters")
+  python launch.py --distributed --workdir /shared/runs/x          # under srun / mpirun / a TPU pod
+  python launch.py --coordinator=10.0.0.1:1234 --num_processes=2 --process_id=0 --workdir ...
 
 This file is the one place a config becomes objects (`build_*`); the loop is `fedjax_fm.train`.
 Configuration mistakes end in one line naming the problem and the fix, with exit status 1, before
@@ -18,7 +21,7 @@ from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
-from fedjax_fm import algorithms, assets, data, models, roles, rundir, sharding
+from fedjax_fm import algorithms, assets, data, distributed, models, roles, rundir, sharding
 from fedjax_fm.algorithm import ClientExecution, default_execution
 from fedjax_fm.checkpoint import CheckpointError
 from fedjax_fm.algorithms import feddat as feddat_lib
@@ -37,6 +40,14 @@ flags.DEFINE_bool("overwrite", False, "Start anew in a --workdir that holds a ru
 flags.DEFINE_bool("allow_config_change", False, "Let --resume continue with a different config.")
 flags.DEFINE_bool("fallback_checkpoint", False, "If the last checkpoint is damaged, resume from "
                   "the one before it.")
+flags.DEFINE_bool("distributed", False, "Multi-host run: initialise jax.distributed from the "
+                  "SLURM, Open MPI or Cloud TPU pod environment (one process per task / rank / "
+                  "TPU VM worker).")
+flags.DEFINE_string("coordinator", None, "Multi-host run with explicit settings: host:port of "
+                    "process 0 (needs --num_processes and --process_id).")
+flags.DEFINE_integer("num_processes", None, "Multi-host run: the number of processes.")
+flags.DEFINE_integer("process_id", None, "Multi-host run: this process's index, 0 .. "
+                     "num_processes - 1 (process 0 writes metrics and plots).")
 FLAGS = flags.FLAGS
 
 
@@ -62,17 +73,19 @@ def _digits_vqa(config):
   group = suite.digits_vqa_group(data.PartitionConfig.from_mapping(d.partition), seed=config.seed,
                                  test_fraction=d.test_fraction, families=tuple(d.families),
                                  tokenizer=text.minilm_tokenizer(d.max_length))
-  return group.train, group.test
+  return group.train, group.test, list(group.client_keys)
 
 
 DATASETS = {"digits": _digits, "shakespeare_play": _shakespeare_play, "digits_vqa": _digits_vqa}
 
 
 def build_data(config):
-  """(train, test) federations of `config.data.name`, each client with its own test split."""
+  """(train, test, client groups) of `config.data.name`: federations with a test split per
+  client, and a group name per client (its domain, for the summary's per-group rows) or None."""
   if config.data.name not in DATASETS:
     raise ValueError(f"unknown data set {config.data.name!r}; available: {sorted(DATASETS)}")
-  return DATASETS[config.data.name](config)
+  train_data, test_data, *groups = DATASETS[config.data.name](config)
+  return train_data, test_data, (groups[0] if groups else None)
 
 
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -201,7 +214,7 @@ def run(config, workdir=None, *, resume=False, overwrite=False, allow_config_cha
         fallback_checkpoint=False, progress=True):
   """Builds everything from `config` and trains; returns the metric history."""
   check_config(config)
-  train_data, test_data = build_data(config)
+  train_data, test_data, client_groups = build_data(config)
   graphdef, params, role_tree, input_keys = build_model(config, train_data)
   mesh = sharding.make_mesh(tuple(tuple(a) for a in config.mesh))
   alg, evaluate_fn = build_algorithm(config, graphdef, params, role_tree, input_keys,
@@ -209,9 +222,10 @@ def run(config, workdir=None, *, resume=False, overwrite=False, allow_config_cha
   if config.cohort_size > train_data.num_clients:
     raise ValueError(f"config.cohort_size={config.cohort_size} is larger than the "
                      f"{train_data.num_clients} clients of the federation; lower it")
-  if workdir:
-    rundir.prepare(workdir, config.to_json_best_effort(), resume=resume, overwrite=overwrite,
-                   allow_config_change=allow_config_change)
+  if workdir:  # multi-host: process 0 checks and prepares the (shared) workdir for all
+    distributed.on_main(lambda: rundir.prepare(
+        workdir, config.to_json_best_effort(), resume=resume, overwrite=overwrite,
+        allow_config_change=allow_config_change), "preparing the workdir")
   elif resume:
     raise ValueError("--resume needs the --workdir of the run to continue")
   evaluate = evaluate_fn(test_data)
@@ -224,7 +238,7 @@ def run(config, workdir=None, *, resume=False, overwrite=False, allow_config_cha
                mesh=mesh, evaluate=evaluate, eval_every=config.eval_every, workdir=workdir,
                checkpoint_every=config.checkpoint_every, keep_checkpoints=config.keep_checkpoints,
                resume=resume, fallback_checkpoint=fallback_checkpoint,
-               param_shardings=shardings, progress=progress)
+               client_groups=client_groups, param_shardings=shardings, progress=progress)
 
 
 def parse_flags(argv):
@@ -246,6 +260,9 @@ def main(argv):
   if not FLAGS["verbosity"].present:  # orbax logs every save at INFO; keep the console readable
     logging.set_verbosity(logging.WARNING)
   try:
+    # Before anything touches a device: a multi-host run joins its processes first.
+    distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id,
+                           from_environment=FLAGS.distributed)
     run(FLAGS.config, FLAGS.workdir, resume=FLAGS.resume, overwrite=FLAGS.overwrite,
         allow_config_change=FLAGS.allow_config_change,
         fallback_checkpoint=FLAGS.fallback_checkpoint)

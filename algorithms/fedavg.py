@@ -20,11 +20,12 @@ from typing import Any
 import optax
 
 from fedjax_fm.algorithm import Algorithm, ClientExecution, LossFn
-from fedjax_fm.local_update_round import local_update_algorithm
+from fedjax_fm.local_update_round import local_update_algorithm, make_client_optimizer
 
 
 def fedavg(loss_fn: LossFn, roles: Any, *, client_lr: float = 0.1, server_lr: float = 1.0,
-           client_momentum: float | None = None, weighted: bool = True,
+           client_momentum: float | None = None, client_optimizer: str = "sgd",
+           weighted: bool = True,
            execution: ClientExecution | None = None) -> Algorithm:
   """FedAvg with SGD on the clients and `sgd(server_lr)` on the server.
 
@@ -34,9 +35,11 @@ def fedavg(loss_fn: LossFn, roles: Any, *, client_lr: float = 0.1, server_lr: fl
     client_lr: local SGD step size.
     server_lr: server step size on the mean delta (1.0 = plain averaging).
     client_momentum: optional local SGD momentum.
+    client_optimizer: "sgd" (the paper) or "adamw" (`make_client_optimizer`).
     weighted: weight clients by example count (the paper) or equally.
     execution: how clients run in the program; see `ClientExecution`.
   """
   return local_update_algorithm(
-      loss_fn, roles, optax.sgd(client_lr, momentum=client_momentum), optax.sgd(server_lr),
+      loss_fn, roles, make_client_optimizer(client_optimizer, client_lr, client_momentum),
+      optax.sgd(server_lr),
       weighted=weighted, execution=execution)

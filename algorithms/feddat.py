@@ -80,6 +80,7 @@ from fedjax_fm import aggregate, clients, distill as distill_lib, local, roles a
 from fedjax_fm.algorithm import (Algorithm, ClientExecution, LossFn, ServerState,
                                   default_execution, shared_bytes, stacked_personal)
 from fedjax_fm.cohort import Cohort
+from fedjax_fm.local_update_round import make_client_optimizer
 from fedjax_fm.models import heads as heads_lib
 from fedjax_fm.roles import FROZEN, PERSONAL, SHARED
 
@@ -98,8 +99,7 @@ _GLOBAL_STEP_ONLY, _LOCAL_STEP_ONLY, _BOTH_STEPS, _NOT_TRAINED = "global", "loca
 
 def default_client_optimizer(learning_rate: float = 1e-4) -> optax.GradientTransformation:
   """AdamW as FedDAT's reference code configures it; no weight decay on vectors (biases, norms)."""
-  return optax.adamw(learning_rate, b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.01,
-                     mask=lambda p: jax.tree_util.tree_map(lambda x: x.ndim >= 2, p))
+  return make_client_optimizer("adamw", learning_rate)
 
 
 def adapter_weights_by_mode(adapter_names: Sequence[str] = ("personal", "shared", "frozen"),

@@ -17,11 +17,12 @@ import optax
 
 from fedjax_fm import roles as roles_lib
 from fedjax_fm.algorithm import Algorithm, ClientExecution, LossFn
-from fedjax_fm.local_update_round import local_update_algorithm
+from fedjax_fm.local_update_round import local_update_algorithm, make_client_optimizer
 
 
 def fedper(loss_fn: LossFn, roles: Any, params: Any, *, personal: str = r"^head/",
-           client_lr: float = 0.1, server_lr: float = 1.0, weighted: bool = True,
+           client_lr: float = 0.1, server_lr: float = 1.0, client_optimizer: str = "sgd",
+           weighted: bool = True,
            execution: ClientExecution | None = None) -> Algorithm:
   """FedPer: leaves of `params` whose path matches `personal` become personal.
 
@@ -30,9 +31,11 @@ def fedper(loss_fn: LossFn, roles: Any, params: Any, *, personal: str = r"^head/
     roles: the model's roles (frozen leaves stay frozen).
     params: the parameters, to resolve `personal` against their paths.
     personal: regex over leaf paths ('a/b/kernel') selecting the personalization layers.
+    client_optimizer: "sgd" or "adamw" (`make_client_optimizer`).
   """
   pers = roles_lib.assign_roles(params, personal=personal)
   roles = jax.tree_util.tree_map(
       lambda r, p: r if r == roles_lib.FROZEN else p, roles, pers)
-  return local_update_algorithm(loss_fn, roles, optax.sgd(client_lr), optax.sgd(server_lr),
+  return local_update_algorithm(loss_fn, roles, make_client_optimizer(client_optimizer, client_lr),
+                                optax.sgd(server_lr),
                                 weighted=weighted, execution=execution)

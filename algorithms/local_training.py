@@ -15,13 +15,16 @@ import optax
 
 from fedjax_fm import roles as roles_lib
 from fedjax_fm.algorithm import Algorithm, ClientExecution, LossFn
-from fedjax_fm.local_update_round import local_update_algorithm
+from fedjax_fm.local_update_round import local_update_algorithm, make_client_optimizer
 
 
 def local_training(loss_fn: LossFn, roles: Any, *, client_lr: float = 0.1,
+                   client_optimizer: str = "sgd",
                    execution: ClientExecution | None = None) -> Algorithm:
-  """Local training: `shared` leaves of `roles` become personal; frozen stay frozen."""
+  """Local training: `shared` leaves of `roles` become personal; frozen stay frozen.
+  `client_optimizer`: "sgd" or "adamw" (`make_client_optimizer`)."""
   personal = jax.tree_util.tree_map(
       lambda r: roles_lib.FROZEN if r == roles_lib.FROZEN else roles_lib.PERSONAL, roles)
-  return local_update_algorithm(loss_fn, personal, optax.sgd(client_lr), optax.sgd(1.0),
+  return local_update_algorithm(loss_fn, personal,
+                                make_client_optimizer(client_optimizer, client_lr), optax.sgd(1.0),
                                 execution=execution)

@@ -1,32 +1,61 @@
 """FedDAT (Chen et al. 2024) on digit VQA: clients differ in domain (question family).
 
-The real all-MiniLM-L6-v2 reads each digit image as 16 patch tokens after the question (fresh
-patch embeddings, trained and shared; the pretrained text embeddings and encoder stay frozen) and
-answers from a fixed set ("0".."9", "yes", "no"). Every client asks one question family
+The real all-MiniLM-L6-v2 reads the question (8 tokens) followed by the digit image as an image
+CLS and 4 patch tokens of 4x4 pixels (13 tokens in all, sized for a CPU; fresh patch embeddings,
+trained and shared; the pretrained text embeddings and encoder stay frozen) and answers from a
+fixed set ("0".."9", "yes", "no"). Every client asks one question family
 ("which digit is this?", "is it even?", "is it greater than five?", "is it a prime?"), the
-domain shift of the paper's setting. Three adapters per layer: personal A_c, shared A_s, the
-frozen copy of A_s; personal heads.
+domain shift of the paper's setting: 8 clients, 2 per family, all sampled every round. FedDAT:
+three adapters per layer (personal A_c, shared A_s, the frozen copy of A_s) and personal heads.
+
+Variants (`configs/feddat_vqa.py:<variant>[,tiny]`) are the paper's baselines, with one shared
+adapter per layer of the same size, the same AdamW client optimizer and learning rate, and the
+same local steps:
+  fedavg   FedAvg-adapter: adapter, head and image tokens averaged;
+  fedprox  FedProx-adapter: the same with a proximal term (mu = 0.01);
+  local    Local: each client trains its own adapter, head and image tokens, nothing shared.
 
   python launch.py --config configs/feddat_vqa.py --workdir runs/feddat_vqa
+  python launch.py --config configs/feddat_vqa.py:fedavg --workdir runs/feddat_vqa_fedavg
   python launch.py --config configs/feddat_vqa.py:tiny
-  python launch.py --config configs/feddat_vqa.py --config.algorithm.name=fedavg \\
-      --config.algorithm.hparams="{'client_lr': 0.5}" --config.model.personal="()"
+  for s in 0 1 2; do for v in feddat fedavg fedprox local; do
+    python launch.py --config configs/feddat_vqa.py:$v --config.seed=$s \\
+        --workdir runs/vqa_${v}_s$s; done; done           # the RESULTS.md table
 """
 
 import ml_collections
 
 from configs import feddat_text
 
+BASELINES = ("fedavg", "fedprox", "local")
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  c = feddat_text.get_config(arg)
+  parts = [p for p in (arg or "").split(",") if p]
+  unknown = set(parts) - {"tiny", "feddat", *BASELINES}
+  if unknown or len(set(parts) - {"tiny"}) > 1:
+    raise ValueError(f"unknown variant {arg!r} of configs/feddat_vqa.py; use one of feddat, "
+                     f"{', '.join(BASELINES)}, optionally with ',tiny'")
+  tiny = "tiny" in parts
+  c = feddat_text.get_config("tiny" if tiny else None)
   c.data = ml_collections.ConfigDict(dict(
-      name="digits_vqa", test_fraction=0.2, max_length=16,
+      name="digits_vqa", test_fraction=0.2, max_length=8,   # the longest question: 8 tokens
       families=("identity", "parity", "greater_than_five", "prime"),
       partition=dict(kind="iid", num_clients=2)))   # clients per family
-  c.model.image = dict(image_size=8, patch_size=2, num_channels=1)
+  c.model.image = dict(image_size=8, patch_size=4, num_channels=1)   # 4 patch tokens
   c.model.trainable = ("adapters/personal", "adapters/shared", "head", "image_embeddings")
-  if arg == "tiny":
+  c.rounds, c.eval_every, c.cohort_size = 6, 3, 8
+  method = next((p for p in parts if p in BASELINES), None)
+  if method:
+    c.model.adapters.names = ("shared",)
+    c.model.trainable = ("adapters", "head", "image_embeddings")
+    c.model.personal = ()
+    hparams = dict(client_lr=c.algorithm.hparams.client_lr, client_optimizer="adamw")
+    if method == "fedprox":
+      hparams["mu"] = 0.01
+    c.algorithm = ml_collections.ConfigDict(dict(name=method, hparams=hparams))
+  if tiny:
+    c.rounds, c.eval_every = 2, 2
     c.data.families = ("identity", "parity")
     c.data.partition.num_clients = 2
     c.cohort_size = 2

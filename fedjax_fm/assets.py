@@ -18,7 +18,6 @@ The cache is ``$FEDJAX_FM_CACHE`` (default ``~/.cache/fedjax_fm``). Fetch ahead 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import tarfile

@@ -8,6 +8,10 @@ killed during a save leaves only an unfinished temporary folder, which is ignore
 starts from the previous complete checkpoint. A complete checkpoint whose files were later
 damaged (truncated, corrupted) is reported as such; falling back to the one before it happens only
 when asked (`fallback=True`), because silently losing rounds hides a real problem.
+
+Multi-host runs: every process calls `save` and `restore` with the same arguments (orbax writes
+each process's shards and synchronises the processes); the directory must be on a file system
+all processes see.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 PyTree = Any
 
@@ -100,10 +105,13 @@ class Checkpointer:
     if not steps:
       return
     aside = self.directory.rstrip("/") + "-damaged"
-    os.makedirs(aside, exist_ok=True)
-    for step in steps:
-      os.rename(os.path.join(self.directory, str(step)),
-                os.path.join(aside, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"))
+    if jax.process_index() == 0:  # multi-host: one process moves, all wait for it
+      os.makedirs(aside, exist_ok=True)
+      for step in steps:
+        os.rename(os.path.join(self.directory, str(step)),
+                  os.path.join(aside, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"))
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("checkpoint-set-aside")
     self._mgr.reload()
 
   def wait(self):

@@ -37,6 +37,28 @@ def mean_aggregator(stacked: PyTree, weights: jax.Array, rng: jax.Array) -> PyTr
   return aggregate.weighted_mean(stacked, weights)
 
 
+CLIENT_OPTIMIZERS = ("sgd", "adamw")
+
+
+def make_client_optimizer(name: str, learning_rate: float,
+                          momentum: float | None = None) -> optax.GradientTransformation:
+  """The local optimizer by config name.
+
+  ``"sgd"`` (optionally with momentum) is the FedAvg papers' choice; ``"adamw"`` is FedDAT's
+  reference configuration (b2 = 0.98, eps = 1e-8, weight decay 0.01 on matrices only), offered to
+  every local-update baseline so that a comparison with FedDAT shares the optimizer. Its state is
+  fresh each round, like every local optimizer here.
+  """
+  if name == "sgd":
+    return optax.sgd(learning_rate, momentum=momentum)
+  if name == "adamw":
+    if momentum is not None:
+      raise ValueError("client_momentum applies to client_optimizer='sgd' only; drop it")
+    return optax.adamw(learning_rate, b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.01,
+                       mask=lambda p: jax.tree_util.tree_map(lambda x: x.ndim >= 2, p))
+  raise ValueError(f"unknown client_optimizer {name!r}; use one of {list(CLIENT_OPTIMIZERS)}")
+
+
 def _sq_norm(tree: PyTree) -> jax.Array:
   return sum(jnp.sum(jnp.square(x)) for x in jax.tree_util.tree_leaves(tree))
 

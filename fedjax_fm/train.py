@@ -3,7 +3,8 @@
 The algorithm arrives built (`fedjax_fm.algorithms.build`), so this module knows no algorithm.
 Everything random is a pure function of (seed, round), and checkpoints hold the server state, the
 clients' personal state and the metric history, so a resumed run ends bit-identical to an
-uninterrupted one.
+uninterrupted one. In a multi-host run (`fedjax_fm.distributed`) every process runs this loop on
+its share of each cohort and takes part in the checkpoints; process 0 alone writes the rest.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from fedjax_fm import cohort as cohort_lib, report, sharding
+from fedjax_fm import cohort as cohort_lib, distributed, report, sharding
 from fedjax_fm.algorithm import Algorithm
 from fedjax_fm.checkpoint import Checkpointer
 from fedjax_fm.runner import RoundRunner, padded_rows
@@ -38,8 +39,8 @@ def _check_positive(**values):
 
 def train(alg: Algorithm, params: PyTree,
           train_data: cohort_lib.FederatedData | cohort_lib.GroupedData, *,
-          rounds: int, cohort_size: int | tuple[int, ...], batch_size: int, local_steps: int | None = None,
-          local_epochs: int | None = None, seed: int = 0, mesh=None,
+          rounds: int, cohort_size: int | tuple[int, ...], batch_size: int,
+          local_steps: int | None = None, local_epochs: int | None = None, seed: int = 0, mesh=None,
           evaluate: Callable[[PyTree, PyTree], dict] | None = None, eval_every: int = 10,
           workdir: str | None = None, checkpoint_every: int = 0, keep_checkpoints: int = 3,
           resume: bool = False, fallback_checkpoint: bool = False,
@@ -95,12 +96,14 @@ def train(alg: Algorithm, params: PyTree,
            for g in groups]
 
   def round_cohort(r):
-    """Round r's cohort (a tuple of per-group cohorts for grouped data)."""
+    """Round r's cohort (a tuple of per-group cohorts for grouped data). Each process builds
+    only its own rows of it (all of them in a single process): `distributed.shard_cohort`."""
     cohorts = tuple(
-        cohort_lib.make_cohort(
-            g, cohort_lib.sample_clients(seed, r, g.num_clients, k, i if grouped else None),
-            steps=s, batch_size=batch_size, seed=seed, round_num=r, epochs=local_epochs,
-            group=i if grouped else None)
+        distributed.shard_cohort(
+            lambda part, g=g, s=s, i=i: cohort_lib.make_cohort(
+                g, part, steps=s, batch_size=batch_size, seed=seed, round_num=r,
+                epochs=local_epochs, group=i if grouped else None),
+            cohort_lib.sample_clients(seed, r, g.num_clients, k, i if grouped else None), mesh)
         for i, (g, k, s) in enumerate(zip(groups, cohort_sizes, steps)))
     return cohorts if grouped else cohorts[0]
 
@@ -111,19 +114,21 @@ def train(alg: Algorithm, params: PyTree,
       alg.init_clients(params, tuple(padded_rows(g.num_clients, mesh) for g in groups)
                        if grouped else padded_rows(train_data.num_clients, mesh)))
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep_checkpoints) if workdir else None
+  # Multi-host: every process computes and checkpoints; process 0 alone logs, plots and prints.
+  main = distributed.is_main()
   start, history = 0, []
   if resume:
     start, state, meta = ckpt.restore({"server": server, "clients": clients},
                                       fallback=fallback_checkpoint)
     server, clients, history = state["server"], state["clients"], list(meta["history"])
-  log = report.MetricLog(workdir, history) if workdir else None
+  log = report.MetricLog(workdir, history) if workdir and main else None
   down, up = alg.bytes_per_client(params)
   base_key = jax.random.key(seed + 1)
   last_eval = None
 
   # ---- the loop ----
   bar = tqdm(total=rounds, initial=min(start, rounds), desc="round", unit="round",
-             disable=not progress, dynamic_ncols=True)
+             disable=not (progress and main), dynamic_ncols=True)
   t0 = time.perf_counter() - (history[-1]["wall_seconds"] if history else 0.0)
 
   def finish(r, metrics, eval_metrics):
@@ -132,7 +137,7 @@ def train(alg: Algorithm, params: PyTree,
     record = {"round": r + 1, **{f"train/{k}": v for k, v in _scalars(metrics).items()},
               "bytes_down": down * sum(cohort_sizes), "bytes_up": up * sum(cohort_sizes)}
     if eval_metrics is not None:
-      last_eval = jax.device_get(eval_metrics)
+      last_eval = distributed.fetch(eval_metrics)  # per-client arrays may span hosts
       record.update(_scalars(last_eval))
     record["wall_seconds"] = time.perf_counter() - t0
     history.append(record)
@@ -174,7 +179,7 @@ def train(alg: Algorithm, params: PyTree,
                   "(a shape or dtype changed between rounds)")
 
   # ---- what the run leaves behind ----
-  if history:
+  if history and main:
     summary = report.summarize(history, last_eval, client_groups)
     text = report.format_summary(summary)
     if progress:

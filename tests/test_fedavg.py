@@ -322,3 +322,21 @@ def test_server_state_layout():
   assert jax.tree_util.tree_leaves(alg.init_clients(params, 5)) == []
   # sgd(1.0) without momentum keeps no optimizer state.
   assert jax.tree_util.tree_leaves(server.opt_state) == []
+
+
+def test_adamw_client_optimizer_first_step_is_a_sign_step():
+  # One client, one local step: Adam's bias-corrected first step is lr * g / (|g| + eps), i.e.
+  # lr * sign(g) per coordinate; vectors get no weight decay. g_w = w - x, g_h = h - y.
+  fed = FederatedData.from_clients([{"x": np.array([[0.0, 5.0, 3.0]], np.float32),
+                                     "y": np.array([2.0], np.float32)}])
+  cohort = make_cohort(fed, np.array([0]), steps=1, batch_size=1, seed=0, round_num=0)
+  alg = fedavg(loss_fn, roles_lib.assign_roles(init_params()), client_lr=0.1,
+               client_optimizer="adamw")
+  server = alg.init(init_params(), jax.random.key(0))
+  server, _, _ = jax.jit(alg.round)(server, alg.init_clients(init_params(), 1), cohort,
+                                    jax.random.key(1))
+  # w = [1, 2, 3] - 0.1 * sign([1, -3, 0]) (0 stays: 0 / (0 + eps)); h = 0 + 0.1
+  np.testing.assert_allclose(server.params["w"], [0.9, 2.1, 3.0], rtol=1e-5)
+  np.testing.assert_allclose(server.params["head"], 0.1, rtol=1e-5)
+  with pytest.raises(ValueError, match="unknown client_optimizer 'adam'"):
+    fedavg(loss_fn, roles_lib.assign_roles(init_params()), client_optimizer="adam")

@@ -42,6 +42,9 @@ def test_every_tiny_variant_runs_two_rounds(path, tmp_path):
   assert json.loads(lines[-1])["round"] == 2
   assert (tmp_path / "curves.png").stat().st_size > 0
   assert (tmp_path / "config.json").exists()
+  if config.data.name == "digits_vqa":  # clients are question families: one summary row each
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert sorted(summary["per_group"]) == sorted(config.data.families)
 
 
 def test_digits_experiment_learns():
