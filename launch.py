@@ -26,6 +26,7 @@ from fedjax_fm.algorithm import ClientExecution, default_execution
 from fedjax_fm.checkpoint import CheckpointError
 from fedjax_fm.algorithms import feddat as feddat_lib
 from fedjax_fm.algorithms import fedbone as fedbone_lib
+from fedjax_fm.algorithms import fedpft as fedpft_lib
 from fedjax_fm.data import suite, text
 from fedjax_fm.evaluate import make_evaluator
 from fedjax_fm.train import train
@@ -120,7 +121,9 @@ def _pretrained(config, train_data):
                {"hidden_dropout": m.dropout, "attention_dropout": m.dropout})
   # A text checkpoint with `model.image` reads images too (fresh patch embeddings, ViLT-style).
   image = m.image.to_dict() if "image" in m else None
-  model = models.from_pretrained(path, adapters=m.adapters.to_dict(), head=head,
+  adapters = None if m.adapters is None else m.adapters.to_dict()
+  lora = None if m.get("lora") is None else m.lora.to_dict()  # LoRA branches (FedPFT)
+  model = models.from_pretrained(path, adapters=adapters, lora=lora, head=head,
                                  dtype=dtypes[m.dtype], seed=config.seed,
                                  config_overrides=overrides, image=image)
   graphdef, params = models.functional(model)
@@ -186,9 +189,11 @@ def build_algorithm(config, graphdef, params, role_tree, input_keys, execution):
     return _feddat(config, graphdef, params, role_tree, input_keys, execution)
   if config.algorithm.name in fedbone_lib.ALGORITHMS:  # graphdef: a fedbone_lib.SplitModel
     return fedbone_lib.build_algorithm(config, graphdef, params, role_tree, execution)
+  if config.algorithm.name == "fedpft":
+    return fedpft_lib.build_fedpft(config, graphdef, params, role_tree, input_keys, execution)
   if config.algorithm.name not in algorithms.REGISTRY:
     raise ValueError(f"unknown algorithm {config.algorithm.name!r}; choose one of "
-                     f"{sorted([*algorithms.REGISTRY, 'feddat'])}")
+                     f"{sorted([*algorithms.REGISTRY, 'feddat', 'fedpft', *fedbone_lib.ALGORITHMS])}")
   alg = algorithms.build(config.algorithm.name, models.classification_loss(graphdef, input_keys),
                          role_tree, params, execution, **config.algorithm.hparams.to_dict())
   eval_loss = models.classification_loss(graphdef, input_keys, train=False)

@@ -183,9 +183,12 @@ class FeedForward(nnx.Module):
     self.lora_ffn_out = adapters_lib.maybe_lora(lora, "ffn_out", f, d, **kw)
     self.activation = activations.activation(config.activation)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, return_activations: bool = False):
+    """fc_out(act(fc_in(x))); with `return_activations`, also the activations act(fc_in(x))
+    [..., intermediate] (FedPFT's per-neuron activity statistics)."""
     h = self.activation(adapters_lib.with_lora(self.fc_in(x), self.lora_ffn_in, x))
-    return adapters_lib.with_lora(self.fc_out(h), self.lora_ffn_out, h)
+    out = adapters_lib.with_lora(self.fc_out(h), self.lora_ffn_out, h)
+    return (out, h) if return_activations else out
 
 
 class EncoderLayer(nnx.Module):
@@ -216,11 +219,16 @@ class EncoderLayer(nnx.Module):
     self.dropout_rate = config.hidden_dropout
 
   def __call__(self, x: jax.Array, bias: jax.Array, rng: jax.Array | None = None,
-               adapter_weights: Mapping[str, Any] | None = None) -> jax.Array:
+               adapter_weights: Mapping[str, Any] | None = None,
+               return_activations: bool = False):
+    """The layer's output [B, T, D]; with `return_activations`, (output, FFN activations)."""
     r_probs, r_attn, r_mlp = _split(rng, 3)
+    acts = []
 
     def ffn_block(h):
-      h = dropout(self.mlp(h), self.dropout_rate, r_mlp)
+      h, a = self.mlp(h, return_activations=True)
+      acts.append(a)
+      h = dropout(h, self.dropout_rate, r_mlp)
       if self.adapters is not None:
         h = adapters_lib.mix_adapters(self.adapters, h, adapter_weights)
       return h
@@ -228,10 +236,12 @@ class EncoderLayer(nnx.Module):
     if self.pre_norm:
       x = x + dropout(self.attention(self.attention_norm(x), bias, r_probs), self.dropout_rate,
                       r_attn)
-      return x + ffn_block(self.mlp_norm(x))
-    x = self.attention_norm(x + dropout(self.attention(x, bias, r_probs), self.dropout_rate,
-                                        r_attn))
-    return self.mlp_norm(x + ffn_block(x))
+      x = x + ffn_block(self.mlp_norm(x))
+    else:
+      x = self.attention_norm(x + dropout(self.attention(x, bias, r_probs), self.dropout_rate,
+                                          r_attn))
+      x = self.mlp_norm(x + ffn_block(x))
+    return (x, acts[0]) if return_activations else x
 
 
 class Encoder(nnx.Module):
@@ -249,18 +259,30 @@ class Encoder(nnx.Module):
     self.adapter_names = tuple(adapters.names) if adapters else ()
 
   def __call__(self, x: jax.Array, mask: jax.Array, rng: jax.Array | None = None,
-               adapter_weights: Mapping[str, Any] | None = None) -> jax.Array:
-    """x [B, T, D], mask [B, T] (1 = real token) -> hidden states [B, T, D]."""
+               adapter_weights: Mapping[str, Any] | None = None,
+               return_intermediates: bool = False):
+    """x [B, T, D], mask [B, T] (1 = real token) -> hidden states [B, T, D].
+
+    With `return_intermediates`: (hidden states, {"hidden_states": every layer's output,
+    "ffn_activations": every layer's FFN activations [B, T, intermediate]}), tuples over layers
+    (layer-wise distillation and neuron statistics, `fedjax_fm.algorithms.fedpft`).
+    """
     if adapter_weights is not None:
       if not self.adapter_names:
         raise ValueError("adapter_weights were given but the model has no adapters; build it "
                          "with adapters=AdapterConfig(...)")
       adapters_lib.resolve_adapter_weights(self.adapter_names, adapter_weights)
     bias = padding_bias(mask)
+    hidden, acts = [], []
     for i, layer in enumerate(self.layers):
       layer_rng = None if rng is None else jax.random.fold_in(rng, i)
-      x = layer(x, bias, layer_rng, adapter_weights)
-    return x if self.final_norm is None else self.final_norm(x)
+      x, a = layer(x, bias, layer_rng, adapter_weights, return_activations=True)
+      hidden.append(x)
+      acts.append(a)
+    x = x if self.final_norm is None else self.final_norm(x)
+    if return_intermediates:
+      return x, {"hidden_states": tuple(hidden), "ffn_activations": tuple(acts)}
+    return x
 
 
 class TransformerModel(nnx.Module):
@@ -320,9 +342,10 @@ class TransformerModel(nnx.Module):
                token_type_ids: jax.Array | None = None,
                pixel_values: jax.Array | None = None, *,
                position_ids: jax.Array | None = None, rng: jax.Array | None = None,
-               adapter_weights: Mapping[str, Any] | None = None
-               ) -> tuple[jax.Array, jax.Array]:
-    """The last hidden state [B, T, D] and the token mask [B, T] it was computed with."""
+               adapter_weights: Mapping[str, Any] | None = None,
+               return_intermediates: bool = False) -> tuple[jax.Array, ...]:
+    """The last hidden state [B, T, D] and the token mask [B, T] it was computed with (and the
+    encoder's intermediates with `return_intermediates`, see `Encoder.__call__`)."""
     modality = self.config.modality
     if modality != "image" and input_ids is None:
       raise ValueError(f"a {modality!r} model needs input_ids")
@@ -349,6 +372,10 @@ class TransformerModel(nnx.Module):
       else:
         x, mask = self.embeddings(input_ids, pixel_values, attention_mask, token_type_ids,
                                   position_ids, rng=r_embed)
+    if return_intermediates:
+      hidden, intermediates = self.encoder(x, mask, r_encoder, adapter_weights,
+                                           return_intermediates=True)
+      return hidden, mask, intermediates
     return self.encoder(x, mask, r_encoder, adapter_weights), mask
 
   def __call__(self, input_ids: jax.Array | None = None,
@@ -356,7 +383,8 @@ class TransformerModel(nnx.Module):
                token_type_ids: jax.Array | None = None,
                pixel_values: jax.Array | None = None, *,
                position_ids: jax.Array | None = None, rng: jax.Array | None = None,
-               adapter_weights: Mapping[str, Any] | None = None) -> jax.Array:
+               adapter_weights: Mapping[str, Any] | None = None,
+               return_intermediates: bool = False):
     """The head's output, or the last hidden state [B, T, D] if the model has no head.
 
     Args:
@@ -368,12 +396,16 @@ class TransformerModel(nnx.Module):
       rng: dropout key; None (evaluation) turns dropout off.
       adapter_weights: adapter name -> mixing weight for this call (`adapters.mix_adapters`);
         None mixes uniformly.
+      return_intermediates: also return the encoder's per-layer hidden states and FFN
+        activations: (output, intermediates), see `Encoder.__call__`.
     """
     r_features, r_head = _split(rng, 2)
-    hidden, mask = self.features(input_ids, attention_mask, token_type_ids, pixel_values,
-                                 position_ids=position_ids, rng=r_features,
-                                 adapter_weights=adapter_weights)
-    return hidden if self.head is None else self.head(hidden, mask, rng=r_head)
+    hidden, mask, *intermediates = self.features(
+        input_ids, attention_mask, token_type_ids, pixel_values, position_ids=position_ids,
+        rng=r_features, adapter_weights=adapter_weights,
+        return_intermediates=return_intermediates)
+    out = hidden if self.head is None else self.head(hidden, mask, rng=r_head)
+    return (out, intermediates[0]) if return_intermediates else out
 
 
 # ----------------------------------------------------------------------------------------------
