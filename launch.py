@@ -62,7 +62,7 @@ def _digits(config):
 def _shakespeare_play(config):
   d = config.data
   train, test, _ = suite.minilm_play_classification(
-      config.seed, num_clients=d.partition.num_clients, alpha=d.partition.alpha,
+      config.seed, partition=data.PartitionConfig.from_mapping(d.partition),
       num_plays=d.num_plays, max_length=d.max_length, examples_per_play=d.examples_per_play,
       test_fraction=d.test_fraction, unit=d.unit)
   return train, test
@@ -192,8 +192,9 @@ def build_algorithm(config, graphdef, params, role_tree, input_keys, execution):
   if config.algorithm.name == "fedpft":
     return fedpft_lib.build_fedpft(config, graphdef, params, role_tree, input_keys, execution)
   if config.algorithm.name not in algorithms.REGISTRY:
+    special = ["feddat", "fedpft", *fedbone_lib.ALGORITHMS]
     raise ValueError(f"unknown algorithm {config.algorithm.name!r}; choose one of "
-                     f"{sorted([*algorithms.REGISTRY, 'feddat', 'fedpft', *fedbone_lib.ALGORITHMS])}")
+                     f"{sorted([*algorithms.REGISTRY, *special])}")
   alg = algorithms.build(config.algorithm.name, models.classification_loss(graphdef, input_keys),
                          role_tree, params, execution, **config.algorithm.hparams.to_dict())
   eval_loss = models.classification_loss(graphdef, input_keys, train=False)

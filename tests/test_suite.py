@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fedjax_fm import assets
-from fedjax_fm.data import digits, suite, text
+from fedjax_fm.data import digits, partition as partition_lib, suite, text
 
 
 @pytest.fixture(scope="module")
@@ -167,6 +167,13 @@ def test_hf_tokenizer_matches_transformers_and_minilm_federation(plays_cached):
   top_share = [np.bincount(train.client(c)["y"], minlength=8).max() / train.sizes[c]
                for c in range(16)]
   assert np.mean(top_share) > 0.4  # Dirichlet(0.3) skew: far from the IID 1/8
+  # any partition recipe replaces the default Dirichlet dealing (launch passes config's)
+  iid, _, _ = suite.minilm_play_classification(
+      seed=0, examples_per_play=100, partition=partition_lib.PartitionConfig("iid", 8))
+  assert iid.num_clients == 8 and np.ptp(iid.sizes) <= 1
+  iid_share = [np.bincount(iid.client(c)["y"], minlength=8).max() / iid.sizes[c]
+               for c in range(8)]
+  assert np.mean(iid_share) < 0.3
 
 
 def test_missing_minilm_tokenizer_names_the_fetch_command(tmp_path, monkeypatch):

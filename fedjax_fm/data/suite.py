@@ -433,6 +433,7 @@ def minilm_play_classification(seed: int = 0, *, num_clients: int = 32, alpha: f
                                examples_per_play: int | None = 400, test_fraction: float = 0.2,
                                tokenizer: text_lib.TextTokenizer | None = None,
                                unit: str = "line",
+                               partition: partition_lib.PartitionConfig | None = None,
                                ) -> tuple[FederatedData, FederatedData, GroupSpec]:
   """A text-classification federation for a quick MiniLM adapter fine-tuning run on a CPU.
 
@@ -440,7 +441,8 @@ def minilm_play_classification(seed: int = 0, *, num_clients: int = 32, alpha: f
   among the `num_plays`
   plays with the most lines, `examples_per_play` of each, tokenised with the all-MiniLM-L6-v2
   tokenizer at `max_length`, dealt to `num_clients` clients with Dirichlet(`alpha`) label skew
-  (Hsu et al. 2019), each with its own train/test split.
+  (Hsu et al. 2019), each with its own train/test split; `partition` replaces that dealing by
+  any recipe (IID, shards, quantity skew; it overrides `num_clients` and `alpha`).
 
   Returns:
     `(train, test, spec)`: arrays `input_ids`, `attention_mask`, `token_type_ids`
@@ -451,7 +453,7 @@ def minilm_play_classification(seed: int = 0, *, num_clients: int = 32, alpha: f
   """
   tokenizer = tokenizer or text_lib.minilm_tokenizer(max_length)
   group = shakespeare_classification_group(
-      partition_lib.PartitionConfig("dirichlet", num_clients, alpha=alpha), seed=seed,
+      partition or partition_lib.PartitionConfig("dirichlet", num_clients, alpha=alpha), seed=seed,
       test_fraction=test_fraction, tokenizer=tokenizer, target="play", unit=unit,
       num_classes=num_plays, examples_per_class=examples_per_play,
       name="shakespeare_play_classification")
