@@ -82,12 +82,56 @@ class FederatedData:
     return {k: v[lo:hi] for k, v in self.arrays.items()}
 
 
-def sample_clients(seed: int, round_num: int, num_clients: int, cohort_size: int) -> np.ndarray:
-  """The cohort of a round: `cohort_size` distinct client ids, a pure function of (seed, round)."""
+@dataclasses.dataclass(frozen=True)
+class GroupedData:
+  """A federation of client groups with different architectures (modality-task pairs, heads).
+
+  Each group is its own `FederatedData` (its own array keys and shapes; client ids are local to
+  the group). A grouped algorithm's round gets one `Cohort` per group, in this order, and keeps
+  one stacked client state per group; all groups run inside the same compiled round.
+  """
+  names: tuple[str, ...]
+  groups: tuple[FederatedData, ...]
+
+  def __post_init__(self):
+    if len(self.names) != len(self.groups) or not self.groups:
+      raise ValueError(f"GroupedData needs one name per group, got {len(self.names)} names for "
+                       f"{len(self.groups)} groups")
+    if len(set(self.names)) != len(self.names):
+      raise ValueError(f"group names must be distinct, got {self.names}")
+
+  @property
+  def num_clients(self) -> int:
+    return sum(g.num_clients for g in self.groups)
+
+  @property
+  def client_groups(self) -> list[str]:
+    """The group name of every client, groups in order (for per-group summaries)."""
+    return [n for n, g in zip(self.names, self.groups) for _ in range(g.num_clients)]
+
+
+def group_cohort_sizes(data: GroupedData, cohort_size: int | tuple[int, ...]) -> tuple[int, ...]:
+  """Clients sampled per group each round: an int is the same for every group."""
+  sizes = ((cohort_size,) * len(data.groups) if isinstance(cohort_size, int)
+           else tuple(int(k) for k in cohort_size))
+  if len(sizes) != len(data.groups):
+    raise ValueError(f"cohort_size {cohort_size} gives {len(sizes)} sizes for "
+                     f"{len(data.groups)} groups {data.names}; give one per group or one int")
+  for name, k, g in zip(data.names, sizes, data.groups):
+    if not 0 < k <= g.num_clients:
+      raise ValueError(f"cohort size {k} of group {name!r} must be in 1..{g.num_clients} (its "
+                       "clients); lower config.cohort_size")
+  return sizes
+
+
+def sample_clients(seed: int, round_num: int, num_clients: int, cohort_size: int,
+                   group: int | None = None) -> np.ndarray:
+  """The cohort of a round: `cohort_size` distinct client ids, a pure function of (seed, round)
+  (and of the group's index in a `GroupedData`, so groups are sampled independently)."""
   if cohort_size > num_clients:
     raise ValueError(f"cohort_size={cohort_size} exceeds the {num_clients} clients; lower "
                      "cohort_size or add clients")
-  rng = np.random.default_rng([seed, round_num, 0x5A11])
+  rng = np.random.default_rng([seed, round_num, 0x5A11] + ([] if group is None else [group]))
   return np.sort(rng.choice(num_clients, size=cohort_size, replace=False)).astype(np.int32)
 
 
@@ -97,7 +141,8 @@ def steps_for_epochs(sizes: np.ndarray, batch_size: int, epochs: int) -> int:
 
 
 def make_cohort(fed: FederatedData, client_ids: np.ndarray, *, steps: int, batch_size: int,
-                seed: int, round_num: int, epochs: int | None = None) -> Cohort:
+                seed: int, round_num: int, epochs: int | None = None,
+                group: int | None = None) -> Cohort:
   """Builds the static-shape cohort batch for the given clients.
 
   Args:
@@ -106,6 +151,8 @@ def make_cohort(fed: FederatedData, client_ids: np.ndarray, *, steps: int, batch
     steps: local steps per client (the static second axis).
     batch_size: examples per step.
     seed, round_num: seed the per-client data order (a fresh permutation each epoch).
+    group: the group's index in a `GroupedData` (client ids are local to a group), so that
+      clients with the same local id in different groups draw independent orders.
     epochs: if set, each client sees exactly `epochs` passes over its data and the rest of the
       `steps * batch_size` slots are masked; if None, every slot is filled by cycling through the
       client's shuffled data (fixed number of local steps).
@@ -121,7 +168,8 @@ def make_cohort(fed: FederatedData, client_ids: np.ndarray, *, steps: int, batch
     lo, n = int(fed.offsets[c]), int(fed.sizes[c])
     if n == 0:
       continue
-    rng = np.random.default_rng([seed, round_num, int(c), 0xDA7A])
+    rng = np.random.default_rng([seed, round_num, int(c), 0xDA7A]
+                                + ([] if group is None else [group]))
     passes = -(-slots // n) if epochs is None else epochs
     order = np.concatenate([rng.permutation(n) for _ in range(passes)])[:slots]
     # Padding repeats the client's own first example: masked out of the loss, but it must not

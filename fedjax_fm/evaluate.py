@@ -84,3 +84,43 @@ def make_evaluator(loss_fn: LossFn, test: FederatedData, batch_size: int = 64,
     return out
 
   return evaluate
+
+
+def combine_group_evaluators(names: tuple[str, ...], evaluators, tests: tuple[FederatedData, ...]):
+  """Evaluation of a grouped federation from one evaluator per group.
+
+  Args:
+    names: the group names (`GroupedData.names`).
+    evaluators: per group, evaluate(server_params, group_client_states) -> metrics in the
+      format of `make_evaluator` (means under "<mode>/<metric>", arrays under
+      "<mode>/per_client_<metric>"); e.g. `make_evaluator` of that group's loss.
+    tests: the groups' test data, whose example counts weight the groups' means.
+
+  Returns:
+    evaluate(server_params, client_states_tuple) -> per-group means as
+    "<mode>/<group>/<metric>", the example-weighted mean over the groups that report a metric
+    as "<mode>/<metric>", and per-client arrays concatenated in group order (the order of
+    `GroupedData.client_groups`), so the run summary gets per-group rows.
+  """
+  if not len(names) == len(evaluators) == len(tests):
+    raise ValueError(f"one evaluator and one test set per group: got {len(names)} names, "
+                     f"{len(evaluators)} evaluators, {len(tests)} test sets")
+  counts = [float(np.sum(t.sizes)) for t in tests]
+
+  def evaluate(server_params, client_states):
+    out, sums, per_client = {}, {}, {}
+    for name, fn, count, states in zip(names, evaluators, counts, client_states):
+      for key, value in fn(server_params, states).items():
+        mode, metric = key.split("/", 1)
+        if metric.startswith("per_client_"):
+          per_client.setdefault(key, []).append(value)
+          continue
+        out[f"{mode}/{name}/{metric}"] = value
+        total = sums.setdefault(key, [0.0, 0.0])
+        total[0], total[1] = total[0] + value * count, total[1] + count
+    out.update({k: s / max(c, 1.0) for k, (s, c) in sums.items()})
+    # Only metrics every group reports line up with the client order.
+    out.update({k: jnp.concatenate(v) for k, v in per_client.items() if len(v) == len(names)})
+    return out
+
+  return evaluate

@@ -115,7 +115,7 @@ def summarize(history: Sequence[dict], final_eval: Mapping[str, np.ndarray] | No
       out["per_client"][key] = {"mean": v.mean(), "std": v.std(), "min": v.min(),
                                 "p10": np.percentile(v, 10), "median": np.median(v),
                                 "max": v.max()}
-      if client_groups is not None:
+      if client_groups is not None and len(client_groups) == len(v):
         groups = np.asarray(client_groups)
         for g in sorted(set(groups.tolist())):
           out["per_group"].setdefault(g, {})[key] = float(v[groups == g].mean())

@@ -109,9 +109,12 @@ class RoundRunner:
     Always copies: the round donates its state, which must never delete arrays the caller
     still holds (the initial parameters, say).
     """
-    n = jax.tree_util.tree_leaves(clients)
-    if n:  # alg.init_clients(params, padded_rows(num_clients, mesh)) makes this hold
-      sharding.check_divisible(n[0].shape[0], self.mesh, "the number of client-state rows")
+    # alg.init_clients(params, padded_rows(num_clients, mesh)) makes this hold; a grouped
+    # algorithm keeps a tuple of per-group stacked states, each split over ``clients``.
+    for group in (clients if isinstance(clients, tuple) else (clients,)):
+      n = jax.tree_util.tree_leaves(group)
+      if n:
+        sharding.check_divisible(n[0].shape[0], self.mesh, "the number of client-state rows")
     # An explicit copy first: device_put(..., may_alias=False) onto a multi-device sharding
     # still lets shard 0 share the source buffer, which the first donated round would delete.
     server, clients = jax.tree_util.tree_map(jnp.copy, (server, clients))
@@ -120,9 +123,12 @@ class RoundRunner:
                              may_alias=False)
     return server, clients
 
-  def place_cohort(self, cohort: Cohort) -> Cohort:
-    """Shards a cohort over ``clients``, padded with empty clients to split evenly."""
-    cohort = pad_cohort(cohort, sharding.client_axis_size(self.mesh))
+  def place_cohort(self, cohort: Cohort | tuple[Cohort, ...]) -> Cohort | tuple[Cohort, ...]:
+    """Shards a cohort (or a grouped algorithm's tuple of per-group cohorts) over ``clients``,
+    each padded with empty clients to split evenly."""
+    size = sharding.client_axis_size(self.mesh)
+    cohort = (tuple(pad_cohort(c, size) for c in cohort) if isinstance(cohort, tuple)
+              else pad_cohort(cohort, size))
     return jax.device_put(cohort, sharding.client_sharding(self.mesh))
 
   def __call__(self, server: ServerState, clients: PyTree, cohort: Cohort,

@@ -36,8 +36,9 @@ def _check_positive(**values):
       raise ValueError(f"{name} must be positive, got {value}; set config.{name} > 0")
 
 
-def train(alg: Algorithm, params: PyTree, train_data: cohort_lib.FederatedData, *,
-          rounds: int, cohort_size: int, batch_size: int, local_steps: int | None = None,
+def train(alg: Algorithm, params: PyTree,
+          train_data: cohort_lib.FederatedData | cohort_lib.GroupedData, *,
+          rounds: int, cohort_size: int | tuple[int, ...], batch_size: int, local_steps: int | None = None,
           local_epochs: int | None = None, seed: int = 0, mesh=None,
           evaluate: Callable[[PyTree, PyTree], dict] | None = None, eval_every: int = 10,
           workdir: str | None = None, checkpoint_every: int = 0, keep_checkpoints: int = 3,
@@ -49,8 +50,11 @@ def train(alg: Algorithm, params: PyTree, train_data: cohort_lib.FederatedData, 
   Args:
     alg: the algorithm.
     params: initial parameters (all roles).
-    train_data: the federation's training data.
+    train_data: the federation's training data; a `GroupedData` for a grouped algorithm (one
+      cohort and one stacked client state per group, see `fedjax_fm.cohort.GroupedData`).
     rounds, cohort_size, batch_size: the usual; `rounds` is the total, resumed rounds included.
+      With grouped data, `cohort_size` clients of every group are sampled each round (or
+      `cohort_size[g]` of group g).
     local_steps / local_epochs: exactly one of them: a fixed number of local steps (data
       cycled), or full passes over each client's data (steps sized for the largest client,
       smaller ones masked).
@@ -71,21 +75,41 @@ def train(alg: Algorithm, params: PyTree, train_data: cohort_lib.FederatedData, 
   # ---- arguments: fail before anything is written ----
   if (local_steps is None) == (local_epochs is None):
     raise ValueError("set exactly one of local_steps and local_epochs")
-  _check_positive(rounds=rounds, cohort_size=cohort_size, batch_size=batch_size,
-                  local_steps=local_steps, local_epochs=local_epochs, eval_every=eval_every)
-  if cohort_size > train_data.num_clients:
-    raise ValueError(f"cohort_size {cohort_size} is larger than the federation's "
-                     f"{train_data.num_clients} clients; lower config.cohort_size")
+  _check_positive(rounds=rounds, batch_size=batch_size, local_steps=local_steps,
+                  local_epochs=local_epochs, eval_every=eval_every)
+  grouped = isinstance(train_data, cohort_lib.GroupedData)
+  if grouped:
+    cohort_sizes = cohort_lib.group_cohort_sizes(train_data, cohort_size)
+    groups = train_data.groups
+    client_groups = client_groups or train_data.client_groups
+  else:
+    _check_positive(cohort_size=cohort_size)
+    if cohort_size > train_data.num_clients:
+      raise ValueError(f"cohort_size {cohort_size} is larger than the federation's "
+                       f"{train_data.num_clients} clients; lower config.cohort_size")
+    cohort_sizes, groups = (cohort_size,), (train_data,)
   if resume and not workdir:
     raise ValueError("resuming needs the --workdir of the run to continue")
   mesh = mesh or sharding.make_mesh()
-  steps = local_steps or cohort_lib.steps_for_epochs(train_data.sizes, batch_size, local_epochs)
+  steps = [local_steps or cohort_lib.steps_for_epochs(g.sizes, batch_size, local_epochs)
+           for g in groups]
+
+  def round_cohort(r):
+    """Round r's cohort (a tuple of per-group cohorts for grouped data)."""
+    cohorts = tuple(
+        cohort_lib.make_cohort(
+            g, cohort_lib.sample_clients(seed, r, g.num_clients, k, i if grouped else None),
+            steps=s, batch_size=batch_size, seed=seed, round_num=r, epochs=local_epochs,
+            group=i if grouped else None)
+        for i, (g, k, s) in enumerate(zip(groups, cohort_sizes, steps)))
+    return cohorts if grouped else cohorts[0]
 
   # ---- state: fresh, or the latest checkpoint ----
   runner = RoundRunner(alg, mesh, param_shardings=param_shardings)
   server, clients = runner.place(
       alg.init(params, jax.random.key(seed)),
-      alg.init_clients(params, padded_rows(train_data.num_clients, mesh)))
+      alg.init_clients(params, tuple(padded_rows(g.num_clients, mesh) for g in groups)
+                       if grouped else padded_rows(train_data.num_clients, mesh)))
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep_checkpoints) if workdir else None
   start, history = 0, []
   if resume:
@@ -106,7 +130,7 @@ def train(alg: Algorithm, params: PyTree, train_data: cohort_lib.FederatedData, 
     """Reads round r's metrics back (blocking), logs them and checkpoints."""
     nonlocal last_eval
     record = {"round": r + 1, **{f"train/{k}": v for k, v in _scalars(metrics).items()},
-              "bytes_down": down * cohort_size, "bytes_up": up * cohort_size}
+              "bytes_down": down * sum(cohort_sizes), "bytes_up": up * sum(cohort_sizes)}
     if eval_metrics is not None:
       last_eval = jax.device_get(eval_metrics)
       record.update(_scalars(last_eval))
@@ -124,10 +148,8 @@ def train(alg: Algorithm, params: PyTree, train_data: cohort_lib.FederatedData, 
   pending = None
   try:
     for r in range(start, rounds):
-      ids = cohort_lib.sample_clients(seed, r, train_data.num_clients, cohort_size)
-      cohort = cohort_lib.make_cohort(train_data, ids, steps=steps, batch_size=batch_size,
-                                      seed=seed, round_num=r, epochs=local_epochs)
-      server, clients, metrics = runner(server, clients, cohort, jax.random.fold_in(base_key, r))
+      server, clients, metrics = runner(server, clients, round_cohort(r),
+                                        jax.random.fold_in(base_key, r))
       eval_metrics = None
       if evaluate is not None and ((r + 1) % eval_every == 0 or r + 1 == rounds):
         eval_metrics = evaluate(server.params, clients)
