@@ -60,13 +60,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import struct
+from flax import nnx, struct
 
 from fedjax_fm import aggregate, clients as clients_lib, distill as distill_lib, local
 from fedjax_fm import roles as roles_lib
 from fedjax_fm.algorithm import Algorithm, ClientExecution, ServerState, default_execution
 from fedjax_fm.cohort import Cohort, FederatedData, make_cohort, steps_for_epochs
 from fedjax_fm.models import heads as heads_lib
+from fedjax_fm.models import tap as model_lib
 
 PyTree = Any
 # output_fn(params, batch, rng) -> the group's head output; rng None = evaluation (no dropout).
@@ -554,7 +555,8 @@ def make_evaluator(groups: Sequence[TAPGroup], roles: PyTree,
                    train: Sequence[FederatedData], test: Sequence[FederatedData], *,
                    post_steps: int = 50, batch_size: int = 32, eval_batch_size: int = 64,
                    post_lr: float = 1e-4, temperature: float = 1.0, seed: int = 0,
-                   execution: ClientExecution | None = None):
+                   execution: ClientExecution | None = None,
+                   compiler_options: Mapping[str, str] | None = None):
   """``evaluate(server_params, clients_tuple) -> metrics``: stage 2 for every client of every
   group, then the test metrics of four models per client (`EVAL_MODES`): ``global`` (FedAvg),
   ``global_ft`` (FedAvg + local fine-tuning), ``personal_fl`` (the personal model after stage 1;
@@ -566,7 +568,7 @@ def make_evaluator(groups: Sequence[TAPGroup], roles: PyTree,
 
   Stage 2 trains on every example of the client's training data (held-out validation examples
   included) for `post_steps` batches of `batch_size`, drawn with a fixed seed. The program is
-  compiled once (first call).
+  compiled once (first call), with `compiler_options` (XLA options) if given.
   """
   groups = tuple(groups)
   if not (len(train) == len(test) == len(groups)):
@@ -590,7 +592,6 @@ def make_evaluator(groups: Sequence[TAPGroup], roles: PyTree,
   post_data = tuple((strip(c), c.mask) for c in post)
   test_data = tuple((strip(c), c.mask) for c in tests)
 
-  @jax.jit
   def run(server_params, client_states, post_data, test_data):
     out = {}
     for g, group in enumerate(groups):
@@ -615,7 +616,54 @@ def make_evaluator(groups: Sequence[TAPGroup], roles: PyTree,
         out[f"{mode}/{name}"] = sum(vals) / len(vals)
     return out
 
+  run = jax.jit(run, compiler_options=dict(compiler_options) if compiler_options else None)
+
   def evaluate(server_params, client_states):
     return run(server_params, client_states, post_data, test_data)
 
   return evaluate
+
+
+# ----------------------------------------------------------------------------------------------
+# Wiring a `fedjax_fm.models.tap.TAPModel`
+# ----------------------------------------------------------------------------------------------
+
+
+def model_output_fn(graphdef, pair_name: str) -> OutputFn:
+  """``output_fn`` of one pair of a TAP superset model (`fedjax_fm.models.tap.TAPModel`)."""
+  def output_fn(params, batch, rng):
+    return nnx.merge(graphdef, params)(pair_name, batch, rng=rng)
+
+  return output_fn
+
+
+def groups_from_model(graphdef, params: PyTree, config, *,
+                      deltas: Mapping[str, float] | float = 0.01,
+                      distill_weights: Mapping[str, float] | float = 2e-3,
+                      pairs: Sequence[str] | None = None) -> tuple[TAPGroup, ...]:
+  """One `TAPGroup` per modality-task pair of a `TAPConfig` (or of `pairs`, in that order).
+
+  Args:
+    graphdef, params: the superset model (`fedjax_fm.models.functional`).
+    config: its `fedjax_fm.models.tap.TAPConfig`.
+    deltas: replacement margin per task name (or one for all).
+    distill_weights: stage 2's lambda per task name (or one for all).
+    pairs: which pairs, in the order of the grouped data (default: the config's).
+  """
+  def per_task(value, task, what):
+    if isinstance(value, Mapping):
+      if task not in value:
+        raise ValueError(f"{what} has no entry for task {task!r}; give one per task "
+                         f"({[t.name for t in config.tasks]})")
+      return float(value[task])
+    return float(value)
+
+  out = []
+  for name in (pairs or [p.name for p in config.pairs]):
+    pair = config.pair(name)
+    out.append(TAPGroup(name=name, output_fn=model_output_fn(graphdef, name),
+                        kind=config.task(pair.task).head,
+                        view=model_lib.view_mask(params, config, name),
+                        delta=per_task(deltas, pair.task, "deltas"),
+                        distill_weight=per_task(distill_weights, pair.task, "distill_weights")))
+  return tuple(out)

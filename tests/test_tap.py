@@ -205,3 +205,196 @@ def test_config_errors():
                         pairs=(model_lib.PairSpec("x", ("text",), "d"),))
   with pytest.raises(ValueError, match="modalities"):
     model_lib.PairSpec("x", ("audio",), "d")
+
+
+# ---- the grouped round -----------------------------------------------------------------------
+
+STEPS, BATCH = 2, 3
+
+
+def _federations(seed=0):
+  """Three groups with their own keys and shapes; every client holds 6 examples, the last 2
+  flagged as held-out validation examples."""
+  rng = np.random.default_rng(seed)
+  flag = np.array([0, 0, 0, 0, 1, 1], np.float32)
+
+  def client(keys, classes):
+    out = {"y": rng.integers(0, classes, 6).astype(np.int32), tap_lib.VALIDATION_KEY: flag}
+    if "image" in keys:
+      out["image"] = rng.random((6, 4, 4, 1)).astype(np.float32)
+    if "text" in keys:
+      out["input_ids"] = rng.integers(2, 40, (6, 5)).astype(np.int32)
+      out["attention_mask"] = np.ones((6, 5), np.int32)
+    return out
+
+  return (FederatedData.from_clients([client(("image",), 4) for _ in range(3)]),
+          FederatedData.from_clients([client(("text",), 12) for _ in range(2)]),
+          FederatedData.from_clients([client(("image", "text"), 5) for _ in range(2)]))
+
+
+def _cohorts(feds, ids_per_group, round_num=0):
+  return tuple(make_cohort(f, np.asarray(ids, np.int32), steps=STEPS, batch_size=BATCH, seed=0,
+                           round_num=round_num, group=g)
+               for g, (f, ids) in enumerate(zip(feds, ids_per_group)))
+
+
+def _with_padding(cohort):
+  """The cohort plus one padding slot (weight 0, id PADDING_ID, nothing real)."""
+  from fedjax_fm.cohort import pad_cohort
+  return pad_cohort(cohort, cohort.num_clients + 1)
+
+
+def _toy_superset():
+  """A toy superset with TAP's structure, cheap to compile: per-modality encoders, a shared
+  layer, a frozen bias and one head per task; pairs as in CONFIG."""
+  rng = np.random.default_rng(0)
+  r = lambda *shape: jnp.asarray(rng.normal(0, 0.5, shape), jnp.float32)
+  params = {"enc": {"image": r(16, 3), "text": r(40, 3)}, "shared": r(3, 3),
+            "heads": {"digits": r(3, 4), "chars": r(3, 12), "vqa": r(3, 5)},
+            "frozen": r(3)}
+  roles = jax.tree_util.tree_map_with_path(
+      lambda p, _: roles_lib.FROZEN if roles_lib.leaf_path(p) == "frozen" else roles_lib.SHARED,
+      params)
+
+  def output_fn(pair):
+    def fn(p, batch, rng):
+      del rng
+      h = 0.0
+      if "image" in pair.modalities:
+        h = h + batch["image"].reshape(batch["image"].shape[0], -1) @ p["enc"]["image"]
+      if "text" in pair.modalities:
+        h = h + jnp.mean(p["enc"]["text"][batch["input_ids"]], axis=1)
+      h = jnp.tanh(h @ p["shared"] + p["frozen"])
+      return h @ p["heads"][pair.task]
+    return fn
+
+  def view(pair):
+    def on(path):
+      parts = path.split("/")
+      if parts[0] == "enc":
+        return parts[1] in pair.modalities
+      if parts[0] == "heads":
+        return parts[1] == pair.task
+      return True
+    return jax.tree_util.tree_map_with_path(lambda p, _: on(roles_lib.leaf_path(p)), params)
+
+  def groups(delta=0.01, distill_weight=2e-3):
+    return tuple(tap_lib.TAPGroup(pair.name, output_fn(pair), CONFIG.task(pair.task).head,
+                                  view(pair), delta=delta, distill_weight=distill_weight)
+                 for pair in PAIRS)
+
+  return params, roles, groups
+
+
+def _algorithm(delta=0.01, **kw):
+  params, roles, groups = _toy_superset()
+  alg = tap_lib.tap(groups(delta), roles, peak_lr=0.05, min_lr=0.05,
+                    execution=ClientExecution(strategy="vmap"), **kw)
+  return alg, params
+
+
+def _leaf(tree, path):
+  for p, x in jax.tree_util.tree_leaves_with_path(tree):
+    if roles_lib.leaf_path(p) == path:
+      return x
+  raise KeyError(path)
+
+
+HEAD = "heads/digits"
+
+
+def test_round_compiles_once_aggregates_and_writes_only_sampled_rows():
+  alg, params = _algorithm(replacement="validation", delta=-1e9)  # always replace
+  feds = _federations()
+  round_fn = fast_jit(alg.round)
+  server = alg.init(params, jax.random.key(0))
+  states = alg.init_clients(params, (3, 2, 2))
+
+  # Round 1: group 0 samples clients 0 and 2 (plus a padding slot), the others one client each.
+  cohorts = _cohorts(feds, ([0, 2], [1], [0]))
+  cohorts = (_with_padding(cohorts[0]),) + cohorts[1:]
+  new_server, new_states, metrics = round_fn(server, states, cohorts, jax.random.key(1))
+  # Round 2 with other clients: same shapes, no new compilation.
+  cohorts2 = _cohorts(feds, ([1, 2], [0], [1]), round_num=1)
+  cohorts2 = (_with_padding(cohorts2[0]),) + cohorts2[1:]
+  round_fn(new_server, new_states, cohorts2, jax.random.key(2))
+  assert round_fn._cache_size() == 1
+  assert int(new_server.round) == 1
+
+  # Unsampled client 1 of group 0 keeps its initial personal model and +inf loss history.
+  p0 = new_states[0].params
+  np.testing.assert_array_equal(_leaf(p0, HEAD)[1], _leaf(params, HEAD))
+  loss = np.asarray(new_states[0].loss)
+  assert np.isinf(loss[1]) and np.isfinite(loss[[0, 2]]).all()
+  assert not np.allclose(_leaf(p0, HEAD)[0], _leaf(params, HEAD))
+  # Group 0's state holds only its view: no text encoder, no other task's head.
+  assert _paths(p0) == {"enc/image", "shared", "heads/digits"}
+  assert float(metrics["replaced"]) == 1.0 and float(metrics["img_cls/replaced"]) == 1.0
+  assert int(metrics["num_nonfinite_clients"]) == 0
+  # Frozen leaves never move.
+  np.testing.assert_array_equal(new_server.params["frozen"], params["frozen"])
+
+  # Aggregation: the digits head is held by group 0 only, so it is the example-weighted mean
+  # of its two clients' global-path heads; each client's head is what a round with that client
+  # alone uploads (the other groups do not touch it).
+  def alone(cid):
+    from fedjax_fm.cohort import pad_cohort
+    only = _cohorts(feds, ([cid], [1], [0]))
+    s, _, _ = round_fn(server, states, (pad_cohort(only[0], 3),) + only[1:], jax.random.key(1))
+    return _leaf(s.params, HEAD)
+
+  w = feds[0].sizes[[0, 2]].astype(np.float32)
+  expected = (w[0] * alone(0) + w[1] * alone(2)) / w.sum()
+  np.testing.assert_allclose(_leaf(new_server.params, HEAD), expected, rtol=1e-5, atol=1e-6)
+  assert round_fn._cache_size() == 1
+  # The text encoder is held by groups 1 and 2 only, and it moved.
+  assert not np.allclose(new_server.params["enc"]["text"], params["enc"]["text"])
+
+
+def test_replacement_modes():
+  feds = _federations()
+  cohorts = _cohorts(feds, ([0, 1], [0], [1]))
+  results = {}
+  for name, kw in {"never": dict(replacement="validation", delta=1e9),
+                   "train_first": dict(replacement="train", delta=0.01)}.items():
+    alg, params = _algorithm(**kw)
+    server = alg.init(params, jax.random.key(0))
+    states = alg.init_clients(params, (3, 2, 2))
+    _, new_states, metrics = fast_jit(alg.round)(server, states, cohorts, jax.random.key(1))
+    results[name] = (new_states, metrics)
+  # A huge margin never replaces; the reference's rule always replaces at a client's first
+  # participation (its personal loss history starts at +inf).
+  assert float(results["never"][1]["replaced"]) == 0.0
+  assert float(results["train_first"][1]["replaced"]) == 1.0
+  # The personal loss history now holds finite training losses of the sampled clients.
+  assert np.isfinite(np.asarray(results["train_first"][0][0].loss)[[0, 1]]).all()
+  # Replaced at first participation: the personal model continued from the trained G, so it
+  # differs from the never-replaced one.
+  assert not np.allclose(_leaf(results["train_first"][0][0].params, HEAD)[0],
+                         _leaf(results["never"][0][0].params, HEAD)[0])
+
+
+def test_stage2_evaluator():
+  """Before any round personal = server model, so personal_fl equals global exactly; with
+  lambda = 0 the distilled student is the fine-tuned teacher (FedAvg + FT)."""
+  params, roles, make_groups = _toy_superset()
+  feds = _federations()
+  tests = _federations(seed=1)
+  for weight in (0.0, 1.0):
+    groups = make_groups(distill_weight=weight)
+    alg = tap_lib.tap(groups, roles, execution=ClientExecution(strategy="vmap"))
+    evaluate = tap_lib.make_evaluator(groups, roles, feds, tests, post_steps=2, batch_size=3,
+                                      post_lr=0.05, compiler_options=FAST)
+    out = evaluate(params, alg.init_clients(params, (3, 2, 2)))
+    for g in ("img_cls", "txt_next", "img_txt_qa"):
+      np.testing.assert_allclose(out[f"personal_fl/{g}/loss"], out[f"global/{g}/loss"],
+                                 rtol=1e-6)
+      assert not np.isclose(out[f"global_ft/{g}/loss"], out[f"global/{g}/loss"])  # trained
+      if weight == 0.0:
+        np.testing.assert_allclose(out[f"personalized/{g}/loss"], out[f"global_ft/{g}/loss"],
+                                   rtol=1e-6)
+      else:
+        assert not np.isclose(out[f"personalized/{g}/loss"], out[f"global_ft/{g}/loss"],
+                              rtol=1e-6)
+    assert set(tap_lib.EVAL_MODES) <= {k.split("/")[0] for k in out}
+    assert "personalized/accuracy" in out
