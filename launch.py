@@ -22,6 +22,7 @@ from fedjax_fm import algorithms, assets, data, models, roles, rundir, sharding
 from fedjax_fm.algorithm import ClientExecution, default_execution
 from fedjax_fm.checkpoint import CheckpointError
 from fedjax_fm.algorithms import feddat as feddat_lib
+from fedjax_fm.algorithms import tap as tap_lib
 from fedjax_fm.data import suite, text
 from fedjax_fm.evaluate import make_evaluator
 from fedjax_fm.train import train
@@ -64,7 +65,8 @@ def _digits_vqa(config):
   return group.train, group.test
 
 
-DATASETS = {"digits": _digits, "shakespeare_play": _shakespeare_play, "digits_vqa": _digits_vqa}
+DATASETS = {"digits": _digits, "shakespeare_play": _shakespeare_play, "digits_vqa": _digits_vqa,
+            "tap_suite": tap_lib.suite_data}
 
 
 def build_data(config):
@@ -115,7 +117,7 @@ def _pretrained(config, train_data):
 
 
 MODELS = {"mlp": _small_model, "cnn": _small_model, "minilm": _pretrained,
-          "pretrained": _pretrained}
+          "pretrained": _pretrained, "tap": tap_lib.build_model}
 
 
 def build_model(config, train_data):
@@ -169,9 +171,11 @@ def build_algorithm(config, graphdef, params, role_tree, input_keys, execution):
   """(algorithm, test data -> evaluate function) of `config.algorithm`."""
   if config.algorithm.name == "feddat":
     return _feddat(config, graphdef, params, role_tree, input_keys, execution)
+  if config.algorithm.name == "tap":
+    return tap_lib.build(config, graphdef, params, role_tree, execution)
   if config.algorithm.name not in algorithms.REGISTRY:
     raise ValueError(f"unknown algorithm {config.algorithm.name!r}; choose one of "
-                     f"{sorted([*algorithms.REGISTRY, 'feddat'])}")
+                     f"{sorted([*algorithms.REGISTRY, 'feddat', 'tap'])}")
   alg = algorithms.build(config.algorithm.name, models.classification_loss(graphdef, input_keys),
                          role_tree, params, execution, **config.algorithm.hparams.to_dict())
   eval_loss = models.classification_loss(graphdef, input_keys, train=False)
