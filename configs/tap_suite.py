@@ -13,7 +13,8 @@ variant, Local training (``personal_fl/...``).
 
 Sizes are cut for a shared 2-core CPU (short text, few clients, 12 rounds); the reference's
 learning rates (3e-4 peak after 20 warm-up rounds) barely move a model in 12 rounds of 4 steps,
-so the peak is 2e-3 after 3 rounds. Margins and distillation weights follow the reference
+so the peak is 2e-3 after 3 rounds. A run is about 6 CPU-minutes, most of it compiling the round
+and the stage-2 evaluator (set JAX_COMPILATION_CACHE_DIR to reuse compiled rounds across seeds). Margins and distillation weights follow the reference
 (FLAVA): delta 0.005 for text classification and image generation (here denoising), 0.01
 otherwise; lambda 2e-3, x500 for text classification.
 
@@ -25,7 +26,8 @@ otherwise; lambda 2e-3, x500 for text classification.
   python launch.py --config configs/tap_suite.py:pairs2 --workdir /tmp/runs/pairs2_s0
 
 Variants: ``tiny`` (2 pairs, 2 rounds: a smoke test), ``local`` (no replacement, no
-distillation: ``personal_fl`` is Local training), ``no_replacement``, ``no_distill``,
+distillation: ``personal_fl`` is Local training; ``no_replacement`` runs the same round, so its
+``personal_fl`` is Local training too), ``no_replacement``, ``no_distill``,
 ``train_replacement`` (the reference's training-loss rule), ``pairs2`` / ``pairs4`` (the first 2
 or 4 pairs: the sweep of the number of modality-task pairs; the default has 6).
 """
