@@ -9,6 +9,7 @@ from fedjax_fm.models.heads import (AnswerScoringHead, ClassificationHead, Dense
 from fedjax_fm.models.partitioning import param_shardings, shard_params
 from fedjax_fm.models.pretrained import config_from_hf, from_pretrained
 from fedjax_fm.models.tasks import classification_loss, functional
+from fedjax_fm.models.tap import PairSpec, TAPConfig, TAPModel, TaskSpec, tap_from_pretrained
 from fedjax_fm.models.transformer import (BACKBONE_PATTERN, Encoder, TransformerConfig,
                                           TransformerModel, parameter_component,
                                           transformer_roles)

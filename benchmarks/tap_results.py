@@ -1,0 +1,132 @@
+"""TAP's tables and the pair-sweep plot from finished runs of configs/tap_suite.py.
+
+  python benchmarks/tap_results.py --runs /tmp/runs --plot results/tap_pairs_sweep.png
+
+Expects workdirs ``<runs>/<variant>_s<seed>`` written by (one per seed 0, 1, 2)::
+
+  python launch.py --config configs/tap_suite.py --config.seed=S --workdir <runs>/tap_sS
+  python launch.py --config configs/tap_suite.py:no_replacement --config.seed=S \\
+      --workdir <runs>/norep_sS
+  python launch.py --config configs/tap_suite.py:no_distill --config.seed=S --workdir <runs>/nokd_sS
+  python launch.py --config configs/tap_suite.py:pairs2 --config.seed=S --workdir <runs>/pairs2_sS
+  python launch.py --config configs/tap_suite.py:pairs4 --config.seed=S --workdir <runs>/pairs4_sS
+
+One TAP run reports four models per client (its evaluation runs stage 2): TAP
+(``personalized``), FedAvg (``global``: the server model restricted to the client), FedAvg +
+local fine-tuning (``global_ft``) and the personal model before stage 2 (``personal_fl``). In
+the ``no_replacement`` variant the personal models never take anything from the server, so its
+``personal_fl`` is Local training (the ``local`` variant runs the same round) and its
+``personalized`` is TAP without replacement.
+Prints markdown tables (mean ± std over the seeds found, sample std) and plots the server
+model's per-task metric against the number of modality-task pairs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+
+import numpy as np
+
+# (row label, variant prefix, evaluation mode)
+METHODS = (("TAP", "tap", "personalized"), ("FedAvg", "tap", "global"),
+           ("FedAvg + FT", "tap", "global_ft"), ("Local", "norep", "personal_fl"),
+           ("TAP w/o replacement", "norep", "personalized"),
+           ("TAP w/o distillation", "nokd", "personalized"))
+# group -> (metric, higher is better)
+GROUPS = {"digits_classification": ("accuracy", True),
+          "shakespeare_classification": ("accuracy", True),
+          "digits_denoising": ("mse", False), "shakespeare_next_char": ("accuracy", True),
+          "digits_segmentation": ("accuracy", True), "digits_vqa": ("accuracy", True)}
+
+
+def finals(runs: str, prefix: str) -> list[dict]:
+  out = []
+  for d in sorted(glob.glob(os.path.join(runs, f"{prefix}_s*"))):
+    f = os.path.join(d, "summary.json")
+    if os.path.isfile(f):
+      with open(f) as fh:
+        out.append(json.load(fh)["final"])
+  return out
+
+
+def cell(values: list[float], digits: int = 3) -> str:
+  if not values:
+    return "—"
+  v = np.asarray(values, np.float64)
+  std = v.std(ddof=1) if len(v) > 1 else 0.0
+  return f"{v.mean():.{digits}f} ± {std:.{digits}f} (n={len(v)})"
+
+
+def method_table(runs: str) -> str:
+  head = "| method | " + " | ".join(f"{g} ({m}{'↑' if up else '↓'})"
+                                     for g, (m, up) in GROUPS.items()) + " |"
+  lines = [head, "|" + "---|" * (len(GROUPS) + 1)]
+  for label, prefix, mode in METHODS:
+    rows = finals(runs, prefix)
+    cells = [cell([r[f"{mode}/{g}/{m}"] for r in rows if f"{mode}/{g}/{m}" in r])
+             for g, (m, _) in GROUPS.items()]
+    lines.append(f"| {label} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def sweep(runs: str) -> dict[int, dict[str, list[float]]]:
+  """Number of pairs -> group -> the server model's (``global``) metric per seed."""
+  out = {}
+  for n, prefix in ((2, "pairs2"), (4, "pairs4"), (6, "tap")):
+    rows = finals(runs, prefix)
+    out[n] = {g: [r[f"global/{g}/{m}"] for r in rows if f"global/{g}/{m}" in r]
+              for g, (m, _) in GROUPS.items()}
+  return out
+
+
+def sweep_table(data) -> str:
+  lines = ["| pairs | " + " | ".join(f"{g} ({m})" for g, (m, _) in GROUPS.items()) + " |",
+           "|" + "---|" * (len(GROUPS) + 1)]
+  for n, per_group in data.items():
+    lines.append(f"| {n} | " + " | ".join(cell(per_group[g]) for g in GROUPS) + " |")
+  return "\n".join(lines)
+
+
+def plot(data, path: str):
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+  for g, (m, _) in GROUPS.items():
+    ax = axes[1] if m == "mse" else axes[0]
+    xs = [n for n in data if data[n][g]]
+    if not xs:
+      continue
+    mean = [np.mean(data[n][g]) for n in xs]
+    std = [np.std(data[n][g], ddof=1) if len(data[n][g]) > 1 else 0.0 for n in xs]
+    ax.errorbar(xs, mean, yerr=std, marker="o", capsize=3, label=g)
+  axes[0].set(xlabel="modality-task pairs in the federation", ylabel="server model accuracy")
+  axes[1].set(xlabel="modality-task pairs in the federation", ylabel="server model MSE")
+  axes[0].legend(fontsize=7)
+  axes[1].legend(fontsize=7)
+  for ax in axes:
+    ax.set_xticks([2, 4, 6])
+  fig.suptitle("TAP server model per task vs number of modality-task pairs (mean ± std)",
+               fontsize=9)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  fig.savefig(path, dpi=90)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--runs", default="/tmp/runs")
+  parser.add_argument("--plot", default="results/tap_pairs_sweep.png")
+  args = parser.parse_args()
+  print(method_table(args.runs))
+  print()
+  data = sweep(args.runs)
+  print(sweep_table(data))
+  plot(data, args.plot)
+
+
+if __name__ == "__main__":
+  main()
