@@ -91,7 +91,7 @@ def test_unknown_config_key_is_one_line_not_a_traceback():
     ("batch_size", -8, "config.batch_size must be positive"),
     ("algorithm.hparams.client_lr", 0.0, "learning rate .*client_lr must be positive"),
     ("cohort_size", 9, r"cohort_size=9 is larger than the 8 clients"),
-    ("model.name", "resnet", r"unknown model 'resnet'; available: \['cnn', 'minilm', 'mlp', 'pretrained'\]"),
+    ("model.name", "resnet", r"unknown model 'resnet'; available: \['cnn', .*'minilm', 'mlp', 'pretrained'"),
     ("data.name", "mnist", r"unknown data set 'mnist'; available: \[.*'digits'"),
     ("algorithm.name", "fedsgd", r"unknown algorithm 'fedsgd'; choose one of \[.*'fedavg'"),
     ("data.partition.kind", "zipf", r"unknown partition kind 'zipf'; available: \['iid'"),
