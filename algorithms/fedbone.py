@@ -67,7 +67,7 @@ from fedjax_fm import aggregate, clients as clients_lib, evaluate as evaluate_li
 from fedjax_fm import roles as roles_lib
 from fedjax_fm.algorithm import (Algorithm, ClientExecution, ServerState, default_execution,
                                   stacked_personal)
-from fedjax_fm.cohort import Cohort, FederatedData, make_cohort, steps_for_epochs
+from fedjax_fm.cohort import FederatedData
 from fedjax_fm.models import adapters as adapters_lib
 from fedjax_fm.models import embedders as embedders_lib
 from fedjax_fm.models import heads as heads_lib
@@ -504,10 +504,7 @@ def make_group_evaluator(general_fn: GeneralFn, group: TaskGroup, test: Federate
   (`make_evaluator`).
   """
   n = test.num_clients
-  b = max(1, min(batch_size, int(np.max(test.sizes, initial=1))))
-  steps = steps_for_epochs(np.maximum(test.sizes, 1), b, 1)
-  batches = make_cohort(test, np.arange(n), steps=steps, batch_size=b, seed=0, round_num=0,
-                        epochs=1)
+  batches = evaluate_lib.test_batches(test, batch_size)
 
   @jax.jit
   def evaluate(server_params, client_states):
@@ -531,12 +528,7 @@ def make_group_evaluator(general_fn: GeneralFn, group: TaskGroup, test: Federate
     personal = jax.tree_util.tree_map(lambda x: x[:n], client_states)  # drop padding rows
     sums = clients_lib.map_clients(client, "chunked", chunk_size)(personal, batches.data,
                                                                   batches.mask)
-    count = sums.pop("count")
-    total = jnp.maximum(jnp.sum(count), 1.0)
-    out = {f"personalized/{k[:-len('_sum')]}": jnp.sum(v) / total for k, v in sums.items()}
-    out.update({f"personalized/per_client_{k[:-len('_sum')]}": v / jnp.maximum(count, 1.0)
-                for k, v in sums.items()})
-    return out
+    return evaluate_lib.metrics_from_sums(sums, "personalized")
 
   return evaluate
 

@@ -27,6 +27,30 @@ from fedjax_fm.cohort import FederatedData, make_cohort, steps_for_epochs
 PyTree = Any
 
 
+def test_batches(test: FederatedData, batch_size: int = 64):
+  """Every client's test split once, as one cohort `[N, steps, batch, ...]` (masked padding).
+
+  Every client is padded to the same [steps, batch]; with small test splits a batch larger than
+  the largest client would be mostly padding, computed for nothing, so the batch is capped.
+  """
+  batch_size = max(1, min(batch_size, int(np.max(test.sizes, initial=1))))
+  steps = steps_for_epochs(np.maximum(test.sizes, 1), batch_size, 1)
+  return make_cohort(test, np.arange(test.num_clients), steps=steps, batch_size=batch_size,
+                     seed=0, round_num=0, epochs=1)
+
+
+def metrics_from_sums(sums: dict, prefix: str) -> dict:
+  """Per-client sums {"count": [N], "<metric>_sum": [N]} -> example-weighted means over all
+  clients as "<prefix>/<metric>" and per-client means as "<prefix>/per_client_<metric>"."""
+  sums = dict(sums)
+  count = sums.pop("count")
+  total = jnp.maximum(jnp.sum(count), 1.0)
+  out = {f"{prefix}/{name[:-len('_sum')]}": jnp.sum(s) / total for name, s in sums.items()}
+  out.update({f"{prefix}/per_client_{name[:-len('_sum')]}": s / jnp.maximum(count, 1.0)
+              for name, s in sums.items()})
+  return out
+
+
 def make_evaluator(loss_fn: LossFn, test: FederatedData, batch_size: int = 64,
                    chunk_size: int = 64, modes: tuple[str, ...] = ("personalized", "global")):
   """Returns evaluate(server_params, client_states) -> {"<mode>/<metric>": value}.
@@ -40,12 +64,7 @@ def make_evaluator(loss_fn: LossFn, test: FederatedData, batch_size: int = 64,
     raise ValueError(f"unknown evaluation modes {sorted(unknown)}; use 'personalized' and/or "
                      "'global'")
   n = test.num_clients
-  # Every client is padded to the same [steps, batch]; with small test splits a batch larger
-  # than the largest client would be mostly padding, computed for nothing.
-  batch_size = max(1, min(batch_size, int(np.max(test.sizes, initial=1))))
-  steps = steps_for_epochs(np.maximum(test.sizes, 1), batch_size, 1)
-  batches = make_cohort(test, np.arange(n), steps=steps, batch_size=batch_size, seed=0,
-                        round_num=0, epochs=1)
+  batches = test_batches(test, batch_size)
   key = jax.random.key(0)  # unused by eval losses (no dropout), required by the signature
 
   def one_client(params, data, mask):
@@ -61,12 +80,7 @@ def make_evaluator(loss_fn: LossFn, test: FederatedData, batch_size: int = 64,
 
     sums = clients_lib.map_clients(client, "chunked", chunk_size)(personal, batches.data,
                                                                    batches.mask)
-    count = sums.pop("count")
-    total = jnp.maximum(jnp.sum(count), 1.0)
-    out = {f"{prefix}/{name[:-len('_sum')]}": jnp.sum(s) / total for name, s in sums.items()}
-    out.update({f"{prefix}/per_client_{name[:-len('_sum')]}": s / jnp.maximum(count, 1.0)
-                for name, s in sums.items()})
-    return out
+    return metrics_from_sums(sums, prefix)
 
   @jax.jit
   def evaluate(server_params, client_states):
