@@ -27,7 +27,7 @@ from fedjax_fm.checkpoint import CheckpointError
 from fedjax_fm.algorithms import feddat as feddat_lib
 from fedjax_fm.algorithms import fedbone as fedbone_lib
 from fedjax_fm.algorithms import fedpft as fedpft_lib
-from fedjax_fm.algorithms import tap as tap_lib
+from fedjax_fm.algorithms import tap_suite as tap_suite_lib
 from fedjax_fm.data import suite, text
 from fedjax_fm.evaluate import make_evaluator
 from fedjax_fm.train import train
@@ -80,7 +80,7 @@ def _digits_vqa(config):
 
 DATASETS = {"digits": _digits, "shakespeare_play": _shakespeare_play, "digits_vqa": _digits_vqa,
             "multitask_suite": fedbone_lib.build_data,  # GroupedData: one group per task
-            "tap_suite": tap_lib.suite_data}
+            "tap_suite": tap_suite_lib.suite_data}
 
 
 def build_data(config):
@@ -136,7 +136,7 @@ def _pretrained(config, train_data):
 
 MODELS = {"mlp": _small_model, "cnn": _small_model, "minilm": _pretrained,
           "pretrained": _pretrained, "fedbone": fedbone_lib.build_model,
-          "tap": tap_lib.build_model}
+          "tap": tap_suite_lib.build_model}
 
 
 def build_model(config, train_data):
@@ -195,7 +195,7 @@ def build_algorithm(config, graphdef, params, role_tree, input_keys, execution):
   if config.algorithm.name == "fedpft":
     return fedpft_lib.build_fedpft(config, graphdef, params, role_tree, input_keys, execution)
   if config.algorithm.name == "tap":
-    return tap_lib.build(config, graphdef, params, role_tree, execution)
+    return tap_suite_lib.build(config, graphdef, params, role_tree, execution)
   if config.algorithm.name not in algorithms.REGISTRY:
     special = ["feddat", "fedpft", "tap", *fedbone_lib.ALGORITHMS]
     raise ValueError(f"unknown algorithm {config.algorithm.name!r}; choose one of "

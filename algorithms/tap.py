@@ -54,20 +54,19 @@ Deviations from the reference code, on purpose (ALGORITHMS.md 1.6):
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx, struct
+from flax import struct
 
 from fedjax_fm import aggregate, clients as clients_lib, distill as distill_lib, local
+from fedjax_fm import evaluate as evaluate_lib
 from fedjax_fm import roles as roles_lib
 from fedjax_fm.algorithm import Algorithm, ClientExecution, ServerState, default_execution
-from fedjax_fm.cohort import FederatedData, GroupedData, make_cohort, steps_for_epochs
-from fedjax_fm.data import text as text_lib
+from fedjax_fm.cohort import FederatedData, make_cohort
 from fedjax_fm.models import heads as heads_lib
 from fedjax_fm.models import tap as model_lib
 
@@ -80,8 +79,7 @@ VALIDATION_KEY = "tap_validation"
 # Batch key that carries the stage-2 teacher's outputs into the student's loss.
 TEACHER_KEY = "_tap_teacher"
 REPLACEMENT_MODES = ("validation", "train", "none")
-TASK_KINDS = ("classification", "dense_classification", "dense_regression", "next_token",
-              "answer_scoring")
+TASK_KINDS = model_lib.HEAD_KINDS   # a group's task kind is the kind of its head
 
 
 # ----------------------------------------------------------------------------------------------
@@ -566,7 +564,9 @@ def make_evaluator(groups: Sequence[TAPGroup], roles: PyTree,
 
   Metrics: ``<mode>/<group>/<metric>`` (example means over the group's test examples), and
   ``<mode>/<metric>`` the unweighted mean over the groups reporting that metric (groups differ
-  in task, so an example-weighted pool would let the biggest task dominate).
+  in task, so an example-weighted pool would let the biggest task dominate), and
+  ``<mode>/<group>/per_client_<metric>`` [N_g] per-client means (the summary's per-client
+  spread; a client without test examples reads 0).
 
   Stage 2 trains on every example of the client's training data (held-out validation examples
   included) for `post_steps` batches of `batch_size`, drawn with a fixed seed. The program is
@@ -580,244 +580,46 @@ def make_evaluator(groups: Sequence[TAPGroup], roles: PyTree,
     raise ValueError(f"post_steps must be >= 1, got {post_steps}")
   parts, stage2 = post_fl(groups, roles, post_steps_lr=post_lr, temperature=temperature,
                           execution=execution)
-  post, tests = [], []
-  for tr, te in zip(train, test):
-    n = tr.num_clients
-    post.append(make_cohort(tr, np.arange(n), steps=post_steps, batch_size=batch_size,
-                            seed=seed, round_num=1 << 20))
-    bs = max(1, min(eval_batch_size, int(np.max(te.sizes, initial=1))))
-    tests.append(make_cohort(te, np.arange(te.num_clients),
-                             steps=steps_for_epochs(np.maximum(te.sizes, 1), bs, 1),
-                             batch_size=bs, seed=0, round_num=0, epochs=1))
   strip = lambda c: {k: v for k, v in c.data.items() if k != VALIDATION_KEY}
-  # The data are arguments, not closed-over constants: XLA would fold them into the program.
-  post_data = tuple((strip(c), c.mask) for c in post)
-  test_data = tuple((strip(c), c.mask) for c in tests)
+  # The data and the key are arguments, not closed-over constants: XLA would fold them into the
+  # program, and a seed baked into it would defeat the persistent compilation cache. Test
+  # batches are bucketed to powers of two for the same reason: client sizes vary by seed.
+  post_data, test_data = [], []
+  for tr, te in zip(train, test):
+    post = make_cohort(tr, np.arange(tr.num_clients), steps=post_steps, batch_size=batch_size,
+                       seed=seed, round_num=1 << 20)
+    batches = evaluate_lib.test_batches(te, eval_batch_size, bucket=True)
+    post_data.append((strip(post), post.mask))
+    test_data.append((strip(batches), batches.mask))
+  post_data, test_data = tuple(post_data), tuple(test_data)
+  key = jax.random.key(seed)
 
-  def run(server_params, client_states, post_data, test_data):
+  def run(server_params, client_states, post_data, test_data, key):
     out = {}
     for g, group in enumerate(groups):
       n = train[g].num_clients
       personal = jax.tree_util.tree_map(lambda x: x[:n], client_states[g].params)
       start = clients_lib.broadcast(restrict(server_params, parts.trainable_view(g)), n)
       teacher, student = stage2(server_params, g, personal, *post_data[g],
-                                jax.random.fold_in(jax.random.key(seed), g))
+                                jax.random.fold_in(key, g))
       rest = restrict(server_params, parts.rest_mask(g))
       data, mask = test_data[g]
       for mode, models in zip(EVAL_MODES, (start, teacher, personal, student)):
         sums = jax.vmap(lambda m, d, k: parts.evaluate_sums(g, m, rest, d, k))(
             models, data, mask)
-        count = jnp.maximum(jnp.sum(sums.pop("count")), 1.0)
-        for name, s in sums.items():
-          out[f"{mode}/{group.name}/{name[:-len('_sum')]}"] = jnp.sum(s) / count
+        out.update(evaluate_lib.metrics_from_sums(sums, f"{mode}/{group.name}"))
     for mode in EVAL_MODES:
-      names = sorted({k.split("/")[-1] for k in out if k.startswith(mode + "/")})
-      for name in names:
-        vals = [out[f"{mode}/{gr.name}/{name}"] for gr in groups
-                if f"{mode}/{gr.name}/{name}" in out]
-        out[f"{mode}/{name}"] = sum(vals) / len(vals)
+      means = {}
+      for k, v in out.items():
+        parts_k = k.split("/")
+        if parts_k[0] == mode and len(parts_k) == 3 and not parts_k[2].startswith("per_client_"):
+          means.setdefault(parts_k[2], []).append(v)
+      out.update({f"{mode}/{name}": sum(vals) / len(vals) for name, vals in means.items()})
     return out
 
   run = jax.jit(run, compiler_options=dict(compiler_options) if compiler_options else None)
 
   def evaluate(server_params, client_states):
-    return run(server_params, client_states, post_data, test_data)
+    return run(server_params, client_states, post_data, test_data, key)
 
   return evaluate
-
-
-# ----------------------------------------------------------------------------------------------
-# Wiring a `fedjax_fm.models.tap.TAPModel`
-# ----------------------------------------------------------------------------------------------
-
-
-def model_output_fn(graphdef, pair_name: str) -> OutputFn:
-  """``output_fn`` of one pair of a TAP superset model (`fedjax_fm.models.tap.TAPModel`)."""
-  def output_fn(params, batch, rng):
-    return nnx.merge(graphdef, params)(pair_name, batch, rng=rng)
-
-  return output_fn
-
-
-def groups_from_model(graphdef, params: PyTree, config, *,
-                      deltas: Mapping[str, float] | float = 0.01,
-                      distill_weights: Mapping[str, float] | float = 2e-3,
-                      pairs: Sequence[str] | None = None) -> tuple[TAPGroup, ...]:
-  """One `TAPGroup` per modality-task pair of a `TAPConfig` (or of `pairs`, in that order).
-
-  Args:
-    graphdef, params: the superset model (`fedjax_fm.models.functional`).
-    config: its `fedjax_fm.models.tap.TAPConfig`.
-    deltas: replacement margin per task name (or one for all).
-    distill_weights: stage 2's lambda per task name (or one for all).
-    pairs: which pairs, in the order of the grouped data (default: the config's).
-  """
-  def per_task(value, task, what):
-    if isinstance(value, Mapping):
-      if task not in value:
-        raise ValueError(f"{what} has no entry for task {task!r}; give one per task "
-                         f"({[t.name for t in config.tasks]})")
-      return float(value[task])
-    return float(value)
-
-  out = []
-  for name in (pairs or [p.name for p in config.pairs]):
-    pair = config.pair(name)
-    out.append(TAPGroup(name=name, output_fn=model_output_fn(graphdef, name),
-                        kind=config.task(pair.task).head,
-                        view=model_lib.view_mask(params, config, name),
-                        delta=per_task(deltas, pair.task, "deltas"),
-                        distill_weight=per_task(distill_weights, pair.task, "distill_weights")))
-  return tuple(out)
-
-
-# ----------------------------------------------------------------------------------------------
-# Launch wiring: the federation suite, the pretrained superset model, the algorithm
-# ----------------------------------------------------------------------------------------------
-
-# The suite's task kinds -> the TAP head that serves them.
-_HEAD_OF_KIND = {"classification": "classification", "token_prediction": "next_token",
-                 "vqa": "answer_scoring"}
-HPARAMS = ("peak_lr", "min_lr", "warmup_rounds", "weight_decay", "clip_norm", "replacement",
-           "deltas", "distill_weights", "temperature", "post_steps", "post_lr",
-           "post_batch_size")
-
-
-@dataclasses.dataclass(frozen=True)
-class PairedData(GroupedData):
-  """A `GroupedData` that knows its groups' modality-task pairs (TAP's model is built from
-  them), and, for a test federation, the training federations stage 2 fine-tunes on.
-
-  Attributes:
-    pairs, tasks: `fedjax_fm.models.tap.PairSpec` per group and the `TaskSpec`s they name.
-    stage2: the training federations (test data only; None for training data).
-  """
-  pairs: tuple = ()
-  tasks: tuple = ()
-  stage2: tuple | None = None
-
-
-def _char_to_wordpiece(vocab_file: str) -> np.ndarray:
-  """[CHAR_VOCAB_SIZE] table: character id (`text.CharTokenizer`) -> the uncased wordpiece id
-  of that character, so char-level text reads through the pretrained text embeddings.
-  Padding -> [PAD]; newline -> [SEP]; space (no wordpiece of its own) -> "_"; others -> [UNK]."""
-  with open(vocab_file) as f:
-    vocab = {line.rstrip("\n"): i for i, line in enumerate(f)}
-  table = np.full(text_lib.CHAR_VOCAB_SIZE, vocab["[UNK]"], np.int32)
-  table[text_lib.PAD_ID] = vocab["[PAD]"]
-  for i, ch in enumerate(text_lib.CHAR_VOCAB):
-    key = {"\n": "[SEP]", " ": "_"}.get(ch, ch.lower())
-    table[i + 2] = vocab.get(key, vocab["[UNK]"])
-  return table
-
-
-def _canonical(spec, fed: FederatedData, char_table: np.ndarray) -> FederatedData:
-  """A suite group's arrays under the model's input keys (``image``, ``input_ids``,
-  ``attention_mask``, ``token_type_ids``) plus ``y``."""
-  a = dict(fed.arrays)
-  out = {"y": a["y"]}
-  if spec.kind == "token_prediction":   # char ids -> wordpieces, every position real
-    out["input_ids"] = char_table[a["x"]]
-    out["attention_mask"] = (a["x"] != text_lib.PAD_ID).astype(np.int32)
-  else:
-    for key in ("input_ids", "attention_mask", "token_type_ids"):
-      if key in a:
-        out[key] = a[key]
-    if "image" in spec.modalities:
-      out["image"] = a["image"] if "image" in a else a["x"]
-  return FederatedData(out, fed.offsets)
-
-
-def _flag_validation(fed: FederatedData, fraction: float, seed: int) -> FederatedData:
-  """Adds `VALIDATION_KEY`: `round(fraction * n)` random examples of each client (at least one
-  when it has two or more) are held out of local training for the replacement decision."""
-  flag = np.zeros(int(fed.offsets[-1]), np.float32)
-  for c, n in enumerate(fed.sizes):
-    n = int(n)
-    k = min(n - 1, max(1 if n >= 2 else 0, int(round(fraction * n))))
-    if k > 0:
-      rng = np.random.default_rng([seed, c, 0x7A9])
-      flag[fed.offsets[c] + rng.choice(n, k, replace=False)] = 1.0
-  return FederatedData({**fed.arrays, VALIDATION_KEY: flag}, fed.offsets)
-
-
-def suite_data(config) -> tuple[PairedData, PairedData]:
-  """(train, test) of the federation suite `config.data.groups` (`fedjax_fm.data.suite`), one
-  group per modality-task pair, text tokenised for all-MiniLM-L6-v2 at `config.data.max_length`
-  (next-character windows mapped to the checkpoint's character wordpieces); a
-  `config.data.validation_fraction` of each client's training examples is flagged as held out.
-  """
-  from fedjax_fm import assets  # pylint: disable=import-outside-toplevel
-  from fedjax_fm.data import suite as suite_lib  # pylint: disable=import-outside-toplevel
-  d = config.data
-  if not 0.0 <= d.validation_fraction < 1.0:
-    raise ValueError(f"config.data.validation_fraction must be in [0, 1), got "
-                     f"{d.validation_fraction}")
-  folder = assets.path("all-minilm-l6-v2", download=True)
-  suite = suite_lib.build_suite([dict(g) for g in d.groups], seed=config.seed,
-                                tokenizer=text_lib.HFTokenizer(folder, d.max_length))
-  table = _char_to_wordpiece(os.path.join(folder, "vocab.txt"))
-  tasks, pairs, train, test = {}, [], [], []
-  for group in suite.groups:
-    spec = group.spec
-    if spec.kind == "dense":
-      head = "dense_classification" if spec.output_names else "dense_regression"
-    else:
-      head = _HEAD_OF_KIND[spec.kind]
-    tasks[spec.task] = model_lib.TaskSpec(spec.task, head, spec.output_size)
-    pairs.append(model_lib.PairSpec(spec.name, tuple(sorted(spec.modalities, reverse=True)),
-                                    spec.task))
-    train.append(_flag_validation(_canonical(spec, group.train, table), d.validation_fraction,
-                                  config.seed))
-    test.append(_canonical(spec, group.test, table))
-  names, tasks = suite.names, tuple(tasks.values())
-  return (PairedData(names, tuple(train), tuple(pairs), tasks),
-          PairedData(names, tuple(test), tuple(pairs), tasks, stage2=tuple(train)))
-
-
-def build_model(config, train_data: PairedData):
-  """(graphdef, params, roles, input keys) of the TAP superset model over `train_data`'s pairs,
-  its text embeddings and first `config.model.fusion_layers` layers from all-MiniLM-L6-v2."""
-  from fedjax_fm import assets  # pylint: disable=import-outside-toplevel
-  if not isinstance(train_data, PairedData):
-    raise ValueError("model 'tap' needs the data set 'tap_suite' (groups with modality-task "
-                     "pairs); set config.data.name='tap_suite'")
-  m = config.model
-  _, graphdef, params = model_lib.tap_from_pretrained(
-      assets.path("all-minilm-l6-v2", download=True), tasks=train_data.tasks,
-      pairs=train_data.pairs, num_layers=m.fusion_layers, image_size=m.image_size,
-      patch_size=m.patch_size, num_channels=m.num_channels, lora=dict(m.lora),
-      expert_bottleneck=m.expert_bottleneck, dropout=m.dropout, seed=config.seed)
-  return graphdef, params, model_lib.tap_roles(params), None
-
-
-def build(config, graphdef, params, roles, execution=None):
-  """(TAP algorithm, test data -> evaluate function) from `config.algorithm.hparams` (`HPARAMS`);
-  the evaluator runs stage 2 (module docstring) on the test data's `PairedData.stage2`."""
-  hp = dict(config.algorithm.hparams)
-  unknown = sorted(set(hp) - set(HPARAMS))
-  if unknown:
-    raise ValueError(f"algorithm 'tap' takes no hyperparameter {unknown}; it takes "
-                     f"{list(HPARAMS)}")
-  hp = {k: (dict(v) if hasattr(v, "items") else v) for k, v in hp.items()}
-  model_config = nnx.merge(graphdef, params).config
-  groups = groups_from_model(graphdef, params, model_config, deltas=hp.pop("deltas", 0.01),
-                             distill_weights=hp.pop("distill_weights", 2e-3))
-  post = {k: hp.pop(k) for k in ("temperature", "post_steps", "post_lr", "post_batch_size")
-          if k in hp}
-  alg = tap(groups, roles, execution=execution, **hp)
-
-  def evaluator(test_data: PairedData):
-    if not isinstance(test_data, PairedData) or test_data.stage2 is None:
-      raise ValueError("TAP's evaluator needs the test data of `suite_data` (it carries the "
-                       "training data stage 2 fine-tunes on)")
-    order = [g.name for g in groups]
-    if list(test_data.names) != order:
-      raise ValueError(f"test groups {test_data.names} do not match the model's pairs {order}")
-    return make_evaluator(groups, roles, test_data.stage2, test_data.groups,
-                          post_steps=post.get("post_steps", 50),
-                          batch_size=post.get("post_batch_size", 32),
-                          post_lr=post.get("post_lr", 1e-4),
-                          temperature=post.get("temperature", 1.0), seed=config.seed)
-
-  return alg, evaluator

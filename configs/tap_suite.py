@@ -24,18 +24,21 @@ otherwise; lambda 2e-3, x500 for text classification.
   python launch.py --config configs/tap_suite.py:no_replacement --workdir /tmp/runs/norep_s0
   python launch.py --config configs/tap_suite.py:no_distill --workdir /tmp/runs/nokd_s0
   python launch.py --config configs/tap_suite.py:pairs2 --workdir /tmp/runs/pairs2_s0
+  python launch.py --config configs/tap_suite.py:pairs8 --workdir /tmp/runs/pairs8_s0
 
 Variants: ``tiny`` (2 pairs, 2 rounds: a smoke test), ``local`` (no replacement, no
 distillation: ``personal_fl`` is Local training; ``no_replacement`` runs the same round, so its
 ``personal_fl`` is Local training too), ``no_replacement``, ``no_distill``,
-``train_replacement`` (the reference's training-loss rule), ``pairs2`` / ``pairs4`` (the first 2
-or 4 pairs: the sweep of the number of modality-task pairs; the default has 6).
+``train_replacement`` (the reference's training-loss rule), ``pairs2`` / ``pairs4`` / ``pairs8``
+(the first 2, 4 or 8 pairs of `GROUPS`: the sweep of the number of modality-task pairs; the
+default has the first 6; pairs8 adds speaker classification on text and image-text matching on
+image + text).
 """
 
 import ml_collections
 from ml_collections import config_dict
 
-# The six pairs, in sweep order: pairs2 takes the first two, pairs4 the first four.
+# The pairs in sweep order: pairs2 takes the first two, pairs4 four, the default six, pairs8 all.
 GROUPS = (
     {"builder": "digits_classification",
      "partition": {"kind": "dirichlet", "num_clients": 5, "alpha": 0.5}},
@@ -47,9 +50,15 @@ GROUPS = (
     {"builder": "digits_segmentation", "partition": {"kind": "iid", "num_clients": 4}},
     {"builder": "digits_vqa", "families": ("identity", "parity"),
      "partition": {"kind": "iid", "num_clients": 2}},
+    # Two more pairs for the sweep's 8-pair point (pairs8): text and image + text classification.
+    {"builder": "shakespeare_classification", "name": "shakespeare_speaker", "target": "speaker",
+     "num_classes": 4, "examples_per_class": 60,
+     "partition": {"kind": "dirichlet", "num_clients": 4, "alpha": 0.5}},
+    {"builder": "digits_matching", "partition": {"kind": "iid", "num_clients": 4}},
 )
+DEFAULT_PAIRS = 6
 VARIANTS = ("", "tiny", "local", "no_replacement", "no_distill", "train_replacement", "pairs2",
-            "pairs4")
+            "pairs4", "pairs8")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -60,7 +69,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.rounds = 12
   c.data = ml_collections.ConfigDict(dict(
       name="tap_suite", max_length=16, validation_fraction=0.2,
-      groups=[dict(g) for g in GROUPS]))
+      groups=[dict(g) for g in GROUPS[:DEFAULT_PAIRS]]))
   c.model = ml_collections.ConfigDict(dict(
       name="tap", fusion_layers=1, image_size=8, patch_size=2, num_channels=1,
       lora=dict(rank=4, alpha=8.0, targets=("q", "v")), expert_bottleneck=16, dropout=0.0))
@@ -70,10 +79,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
           replacement="validation",
           deltas={"digit_classification": 0.01, "play_classification": 0.005,
                   "digit_denoising": 0.005, "next_char": 0.01, "ink_segmentation": 0.01,
-                  "digit_vqa": 0.01},
+                  "digit_vqa": 0.01, "speaker_classification": 0.005,
+                  "image_text_matching": 0.01},
           distill_weights={"digit_classification": 2e-3, "play_classification": 1.0,
                            "digit_denoising": 2e-3, "next_char": 2e-3,
-                           "ink_segmentation": 2e-3, "digit_vqa": 2e-3},
+                           "ink_segmentation": 2e-3, "digit_vqa": 2e-3,
+                           "speaker_classification": 1.0, "image_text_matching": 2e-3},
           temperature=1.0, post_steps=10, post_lr=5e-4, post_batch_size=16))))
   c.cohort_size = 2                     # clients sampled per group per round
   c.batch_size = 16
@@ -101,6 +112,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     hp.distill_weights = {k: 0.0 for k in hp.distill_weights}
   elif arg == "train_replacement":
     hp.replacement = "train"
-  elif arg in ("pairs2", "pairs4"):
+  elif arg in ("pairs2", "pairs4", "pairs8"):
     c.data.groups = [dict(g) for g in GROUPS[:int(arg[-1])]]
   return c

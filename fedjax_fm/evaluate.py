@@ -27,16 +27,27 @@ from fedjax_fm.cohort import FederatedData, make_cohort, steps_for_epochs
 PyTree = Any
 
 
-def test_batches(test: FederatedData, batch_size: int = 64):
+def test_batches(test: FederatedData, batch_size: int = 64, *, bucket: bool = False):
   """Every client's test split once, as one cohort `[N, steps, batch, ...]` (masked padding).
 
   Every client is padded to the same [steps, batch]; with small test splits a batch larger than
   the largest client would be mostly padding, computed for nothing, so the batch is capped.
+  With `bucket`, the batch and the number of steps are rounded up to powers of two, so
+  federations whose client sizes differ a little (another seed of a Dirichlet partition) get the
+  same shapes, and a persistent compilation cache serves them one compiled program (at most 2x
+  padding per axis).
   """
-  batch_size = max(1, min(batch_size, int(np.max(test.sizes, initial=1))))
+  largest = int(np.max(test.sizes, initial=1))
+  batch_size = max(1, min(batch_size, _pow2(largest) if bucket else largest))
   steps = steps_for_epochs(np.maximum(test.sizes, 1), batch_size, 1)
+  if bucket:
+    steps = _pow2(steps)
   return make_cohort(test, np.arange(test.num_clients), steps=steps, batch_size=batch_size,
                      seed=0, round_num=0, epochs=1)
+
+
+def _pow2(n: int) -> int:
+  return 1 << max(0, int(n) - 1).bit_length()
 
 
 def metrics_from_sums(sums: dict, prefix: str) -> dict:

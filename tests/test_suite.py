@@ -81,6 +81,24 @@ def test_digits_dense_targets_by_hand():
   assert int(seg.train.sizes.sum() + seg.test.sizes.sum()) == 1797
 
 
+def test_digits_matching_labels_by_hand():
+  group = suite.digits_matching_group({"kind": "iid", "num_clients": 3}, seed=2,
+                                      tokenizer=text.CharTokenizer(32))
+  assert (group.spec.modalities, group.spec.kind, group.spec.output_size) == (
+      ("image", "text"), "classification", 2)
+  digit_of = _digit_of_image()
+  labels = []
+  for c in range(group.num_clients):
+    data, raw = group.train.client(c), group.train_text.client(c)
+    for img, ids, caption, y in zip(data["image"], data["input_ids"], raw["caption"], data["y"]):
+      assert text.decode_char_ids(ids) == caption
+      named = suite.DIGIT_NAMES.index(caption.rsplit(" ", 1)[1])
+      assert y == int(named == digit_of[img.tobytes()])
+      labels.append(y)
+  assert 0.4 < np.mean(labels) < 0.6      # half the captions match
+  assert int(group.train.sizes.sum() + group.test.sizes.sum()) == 1797
+
+
 def test_digits_vqa_answers_by_hand_and_one_family_per_client():
   group = suite.digits_vqa_group({"kind": "iid", "num_clients": 3}, seed=0,
                                  tokenizer=text.CharTokenizer(32))

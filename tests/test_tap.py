@@ -18,6 +18,7 @@ from flax import nnx
 from fedjax_fm import roles as roles_lib
 from fedjax_fm.algorithm import ClientExecution
 from fedjax_fm.algorithms import tap as tap_lib
+from fedjax_fm.algorithms import tap_suite as tap_suite_lib
 from fedjax_fm.cohort import PADDING_ID, FederatedData, make_cohort
 from fedjax_fm.models import functional
 from fedjax_fm.models import tap as model_lib
@@ -236,7 +237,7 @@ def test_load_pretrained_from_a_tiny_checkpoint(model_parts, tmp_path):
 
 def test_suite_helpers():
   fed = FederatedData.from_clients([{"y": np.zeros(4)}, {"y": np.zeros(1)}, {"y": np.zeros(8)}])
-  flagged = tap_lib._flag_validation(fed, 0.25, seed=0)
+  flagged = tap_suite_lib._flag_validation(fed, 0.25, seed=0)
   flags = flagged.arrays[tap_lib.VALIDATION_KEY]
   # round(0.25 * n) held out, at least one with two or more examples, never all of them.
   assert [int(flags[lo:hi].sum()) for lo, hi in zip(fed.offsets[:-1], fed.offsets[1:])] == \
@@ -244,7 +245,7 @@ def test_suite_helpers():
   from fedjax_fm import assets
   from fedjax_fm.data import text as text_lib
   import os
-  table = tap_lib._char_to_wordpiece(os.path.join(assets.path("all-minilm-l6-v2"), "vocab.txt"))
+  table = tap_suite_lib._char_to_wordpiece(os.path.join(assets.path("all-minilm-l6-v2"), "vocab.txt"))
   tok = text_lib.minilm_tokenizer(8)
   ids = table[text_lib.char_ids("Ab")]
   # Upper and lower case read as the same uncased wordpiece as the tokenizer gives "a", "b".
@@ -449,4 +450,6 @@ def test_stage2_evaluator():
         assert not np.isclose(out[f"personalized/{g}/loss"], out[f"global_ft/{g}/loss"],
                               rtol=1e-6)
     assert set(tap_lib.EVAL_MODES) <= {k.split("/")[0] for k in out}
+    per_client = np.asarray(out["personalized/img_cls/per_client_loss"])
+    assert per_client.shape == (3,) and np.all(np.isfinite(per_client))
     assert "personalized/accuracy" in out

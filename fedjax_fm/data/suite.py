@@ -20,6 +20,12 @@ same array keys and shapes (`GroupSpec` declares them). Groups:
 |                            |                 |                  | int32 (+ token_type_ids), y    |
 | digits_vqa                 | image, text     | vqa              | image [8,8,1] f32, input_ids/  |
 |                            |                 |                  | attention_mask [L] int32, y    |
+| digits_matching            | image, text     | classification   | image [8,8,1] f32, a caption's |
+|                            |                 |                  | input_ids/attention_mask, y:   |
+|                            |                 |                  | does it name the digit (2 cls) |
+
+`shakespeare_classification` also serves speaker classification (`target="speaker"`: task
+`speaker_classification`), a second text-classification pair.
 
 Text groups also keep their raw strings (`ClientGroup.train_text`, same CSR rows as `train`) so a
 model may tokenize them itself; the integer arrays come from the tokenizer passed in (default a
@@ -369,6 +375,43 @@ def digits_vqa_group(partition=None, *, seed: int = 0, test_fraction: float = 0.
                      test_fraction, seed, client_keys)
 
 
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+def digits_matching_group(partition=None, *, seed: int = 0, test_fraction: float = 0.2,
+                          tokenizer: text_lib.TextTokenizer | None = None,
+                          name: str = "digits_matching") -> ClientGroup:
+  """Image-text matching on digits: does the caption name the digit in the image?
+
+  Every digit image gets one caption, "a handwritten <digit name>": its own digit with
+  probability 1/2, else another digit drawn uniformly (both from the seed). `y` is 1 for a match,
+  0 otherwise (classes ("mismatch", "match")). A classification task over image and text, the
+  binary image-text matching objective of vision-language pretraining.
+
+  Arrays: `image` [8,8,1] float32, the tokenizer's arrays of the caption (default
+  `CharTokenizer(32)`), `y` int32.
+
+  Args:
+    partition: default IID over 5 clients.
+    seed, test_fraction, tokenizer, name: as in the other groups.
+  """
+  tokenizer = tokenizer or text_lib.CharTokenizer(32)
+  digits = load_digits_arrays()
+  rng = np.random.default_rng([seed, 0x1A7C])
+  n = len(digits["y"])
+  match = rng.random(n) < 0.5
+  other = (digits["y"] + rng.integers(1, 10, n)) % 10      # uniform over the other nine
+  named = np.where(match, digits["y"], other)
+  captions = [f"a handwritten {DIGIT_NAMES[d]}" for d in named]
+  arrays = {"image": digits["x"], **tokenizer.encode(captions), "y": match.astype(np.int32)}
+  parts = _partition(_as_config(partition, partition_lib.PartitionConfig("iid", 5)), seed,
+                     labels=arrays["y"])
+  spec = GroupSpec(name, ("image", "text"), "image_text_matching", "classification",
+                   tuple(k for k in arrays if k != "y"), "y", 2, ("mismatch", "match"))
+  return _make_group(spec, arrays, {"caption": np.asarray(captions, object)}, parts,
+                     test_fraction, seed)
+
+
 # --- suites --------------------------------------------------------------------------------------
 
 GROUP_BUILDERS: dict[str, Callable[..., ClientGroup]] = {
@@ -378,6 +421,7 @@ GROUP_BUILDERS: dict[str, Callable[..., ClientGroup]] = {
     "shakespeare_next_char": shakespeare_next_char_group,
     "shakespeare_classification": shakespeare_classification_group,
     "digits_vqa": digits_vqa_group,
+    "digits_matching": digits_matching_group,
 }
 
 
@@ -403,7 +447,8 @@ def build_suite(groups: Sequence[Mapping[str, object]], *, seed: int = 0,
       raise ValueError(f"unknown group builder {builder_name!r}; available: "
                        f"{sorted(GROUP_BUILDERS)}")
     builder = GROUP_BUILDERS[builder_name]
-    if tokenizer is not None and builder in (shakespeare_classification_group, digits_vqa_group):
+    if tokenizer is not None and builder in (shakespeare_classification_group, digits_vqa_group,
+                                             digits_matching_group):
       entry.setdefault("tokenizer", tokenizer)
     entry.setdefault("name", builder_name)
     try:

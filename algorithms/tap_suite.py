@@ -1,0 +1,216 @@
+"""TAP on the federation suite, from a config: what `launch.py` builds for ``model.name="tap"``,
+``data.name="tap_suite"`` and ``algorithm.name="tap"``.
+
+- `suite_data`: the suite's groups (`fedjax_fm.data.suite`) as one `PairedData` group per
+  modality-task pair, under the superset model's input keys, text tokenised for
+  all-MiniLM-L6-v2, a share of every client's training examples flagged as held out for the
+  replacement rule (`tap.VALIDATION_KEY`).
+- `build_model`: the superset model (`fedjax_fm.models.tap`) over those pairs, its text
+  embeddings and first fusion layers from the real checkpoint.
+- `groups_from_model` / `build`: one `tap.TAPGroup` per pair of the model, the stage-1
+  algorithm (`tap.tap`) and the stage-2 evaluator (`tap.make_evaluator`) from
+  ``config.algorithm.hparams``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Mapping, Sequence
+
+import numpy as np
+from flax import nnx
+
+from fedjax_fm.algorithms import tap as tap_lib
+from fedjax_fm.algorithms.tap import OutputFn, PyTree, TAPGroup, VALIDATION_KEY
+from fedjax_fm.cohort import FederatedData, GroupedData
+from fedjax_fm.data import text as text_lib
+from fedjax_fm.models import tap as model_lib
+
+
+def model_output_fn(graphdef, pair_name: str) -> OutputFn:
+  """``output_fn`` of one pair of a TAP superset model (`fedjax_fm.models.tap.TAPModel`)."""
+  def output_fn(params, batch, rng):
+    return nnx.merge(graphdef, params)(pair_name, batch, rng=rng)
+
+  return output_fn
+
+
+def groups_from_model(graphdef, params: PyTree, config, *,
+                      deltas: Mapping[str, float] | float = 0.01,
+                      distill_weights: Mapping[str, float] | float = 2e-3,
+                      pairs: Sequence[str] | None = None) -> tuple[TAPGroup, ...]:
+  """One `TAPGroup` per modality-task pair of a `TAPConfig` (or of `pairs`, in that order).
+
+  Args:
+    graphdef, params: the superset model (`fedjax_fm.models.functional`).
+    config: its `fedjax_fm.models.tap.TAPConfig`.
+    deltas: replacement margin per task name (or one for all).
+    distill_weights: stage 2's lambda per task name (or one for all).
+    pairs: which pairs, in the order of the grouped data (default: the config's).
+  """
+  def per_task(value, task, what):
+    if isinstance(value, Mapping):
+      if task not in value:
+        raise ValueError(f"{what} has no entry for task {task!r}; give one per task "
+                         f"({[t.name for t in config.tasks]})")
+      return float(value[task])
+    return float(value)
+
+  out = []
+  for name in (pairs or [p.name for p in config.pairs]):
+    pair = config.pair(name)
+    out.append(TAPGroup(name=name, output_fn=model_output_fn(graphdef, name),
+                        kind=config.task(pair.task).head,
+                        view=model_lib.view_mask(params, config, name),
+                        delta=per_task(deltas, pair.task, "deltas"),
+                        distill_weight=per_task(distill_weights, pair.task, "distill_weights")))
+  return tuple(out)
+
+
+# The suite's task kinds -> the TAP head that serves them.
+_HEAD_OF_KIND = {"classification": "classification", "token_prediction": "next_token",
+                 "vqa": "answer_scoring"}
+HPARAMS = ("peak_lr", "min_lr", "warmup_rounds", "weight_decay", "clip_norm", "replacement",
+           "deltas", "distill_weights", "temperature", "post_steps", "post_lr",
+           "post_batch_size")
+
+
+@dataclasses.dataclass(frozen=True)
+class PairedData(GroupedData):
+  """A `GroupedData` that knows its groups' modality-task pairs (TAP's model is built from
+  them), and, for a test federation, the training federations stage 2 fine-tunes on.
+
+  Attributes:
+    pairs, tasks: `fedjax_fm.models.tap.PairSpec` per group and the `TaskSpec`s they name.
+    stage2: the training federations (test data only; None for training data).
+  """
+  pairs: tuple = ()
+  tasks: tuple = ()
+  stage2: tuple | None = None
+
+
+def _char_to_wordpiece(vocab_file: str) -> np.ndarray:
+  """[CHAR_VOCAB_SIZE] table: character id (`text.CharTokenizer`) -> the uncased wordpiece id
+  of that character, so char-level text reads through the pretrained text embeddings.
+  Padding -> [PAD]; newline -> [SEP]; space (no wordpiece of its own) -> "_"; others -> [UNK]."""
+  with open(vocab_file) as f:
+    vocab = {line.rstrip("\n"): i for i, line in enumerate(f)}
+  table = np.full(text_lib.CHAR_VOCAB_SIZE, vocab["[UNK]"], np.int32)
+  table[text_lib.PAD_ID] = vocab["[PAD]"]
+  for i, ch in enumerate(text_lib.CHAR_VOCAB):
+    key = {"\n": "[SEP]", " ": "_"}.get(ch, ch.lower())
+    table[i + 2] = vocab.get(key, vocab["[UNK]"])
+  return table
+
+
+def _canonical(spec, fed: FederatedData, char_table: np.ndarray) -> FederatedData:
+  """A suite group's arrays under the model's input keys (``image``, ``input_ids``,
+  ``attention_mask``, ``token_type_ids``) plus ``y``."""
+  a = dict(fed.arrays)
+  out = {"y": a["y"]}
+  if spec.kind == "token_prediction":   # char ids -> wordpieces, every position real
+    out["input_ids"] = char_table[a["x"]]
+    out["attention_mask"] = (a["x"] != text_lib.PAD_ID).astype(np.int32)
+  else:
+    for key in ("input_ids", "attention_mask", "token_type_ids"):
+      if key in a:
+        out[key] = a[key]
+    if "image" in spec.modalities:
+      out["image"] = a["image"] if "image" in a else a["x"]
+  return FederatedData(out, fed.offsets)
+
+
+def _flag_validation(fed: FederatedData, fraction: float, seed: int) -> FederatedData:
+  """Adds `VALIDATION_KEY`: `round(fraction * n)` random examples of each client (at least one
+  when it has two or more) are held out of local training for the replacement decision."""
+  flag = np.zeros(int(fed.offsets[-1]), np.float32)
+  for c, n in enumerate(fed.sizes):
+    n = int(n)
+    k = min(n - 1, max(1 if n >= 2 else 0, int(round(fraction * n))))
+    if k > 0:
+      rng = np.random.default_rng([seed, c, 0x7A9])
+      flag[fed.offsets[c] + rng.choice(n, k, replace=False)] = 1.0
+  return FederatedData({**fed.arrays, VALIDATION_KEY: flag}, fed.offsets)
+
+
+def suite_data(config) -> tuple[PairedData, PairedData]:
+  """(train, test) of the federation suite `config.data.groups` (`fedjax_fm.data.suite`), one
+  group per modality-task pair, text tokenised for all-MiniLM-L6-v2 at `config.data.max_length`
+  (next-character windows mapped to the checkpoint's character wordpieces); a
+  `config.data.validation_fraction` of each client's training examples is flagged as held out.
+  """
+  from fedjax_fm import assets  # pylint: disable=import-outside-toplevel
+  from fedjax_fm.data import suite as suite_lib  # pylint: disable=import-outside-toplevel
+  d = config.data
+  if not 0.0 <= d.validation_fraction < 1.0:
+    raise ValueError(f"config.data.validation_fraction must be in [0, 1), got "
+                     f"{d.validation_fraction}")
+  folder = assets.path("all-minilm-l6-v2", download=True)
+  suite = suite_lib.build_suite([dict(g) for g in d.groups], seed=config.seed,
+                                tokenizer=text_lib.HFTokenizer(folder, d.max_length))
+  table = _char_to_wordpiece(os.path.join(folder, "vocab.txt"))
+  tasks, pairs, train, test = {}, [], [], []
+  for group in suite.groups:
+    spec = group.spec
+    if spec.kind == "dense":
+      head = "dense_classification" if spec.output_names else "dense_regression"
+    else:
+      head = _HEAD_OF_KIND[spec.kind]
+    tasks[spec.task] = model_lib.TaskSpec(spec.task, head, spec.output_size)
+    pairs.append(model_lib.PairSpec(spec.name, tuple(sorted(spec.modalities, reverse=True)),
+                                    spec.task))
+    train.append(_flag_validation(_canonical(spec, group.train, table), d.validation_fraction,
+                                  config.seed))
+    test.append(_canonical(spec, group.test, table))
+  names, tasks = suite.names, tuple(tasks.values())
+  return (PairedData(names, tuple(train), tuple(pairs), tasks),
+          PairedData(names, tuple(test), tuple(pairs), tasks, stage2=tuple(train)))
+
+
+def build_model(config, train_data: PairedData):
+  """(graphdef, params, roles, input keys) of the TAP superset model over `train_data`'s pairs,
+  its text embeddings and first `config.model.fusion_layers` layers from all-MiniLM-L6-v2."""
+  from fedjax_fm import assets  # pylint: disable=import-outside-toplevel
+  if not isinstance(train_data, PairedData):
+    raise ValueError("model 'tap' needs the data set 'tap_suite' (groups with modality-task "
+                     "pairs); set config.data.name='tap_suite'")
+  m = config.model
+  _, graphdef, params = model_lib.tap_from_pretrained(
+      assets.path("all-minilm-l6-v2", download=True), tasks=train_data.tasks,
+      pairs=train_data.pairs, num_layers=m.fusion_layers, image_size=m.image_size,
+      patch_size=m.patch_size, num_channels=m.num_channels, lora=dict(m.lora),
+      expert_bottleneck=m.expert_bottleneck, dropout=m.dropout, seed=config.seed)
+  return graphdef, params, model_lib.tap_roles(params), None
+
+
+def build(config, graphdef, params, roles, execution=None):
+  """(TAP algorithm, test data -> evaluate function) from `config.algorithm.hparams` (`HPARAMS`);
+  the evaluator runs stage 2 (module docstring) on the test data's `PairedData.stage2`."""
+  hp = dict(config.algorithm.hparams)
+  unknown = sorted(set(hp) - set(HPARAMS))
+  if unknown:
+    raise ValueError(f"algorithm 'tap' takes no hyperparameter {unknown}; it takes "
+                     f"{list(HPARAMS)}")
+  hp = {k: (dict(v) if hasattr(v, "items") else v) for k, v in hp.items()}
+  model_config = nnx.merge(graphdef, params).config
+  groups = groups_from_model(graphdef, params, model_config, deltas=hp.pop("deltas", 0.01),
+                             distill_weights=hp.pop("distill_weights", 2e-3))
+  post = {k: hp.pop(k) for k in ("temperature", "post_steps", "post_lr", "post_batch_size")
+          if k in hp}
+  alg = tap_lib.tap(groups, roles, execution=execution, **hp)
+
+  def evaluator(test_data: PairedData):
+    if not isinstance(test_data, PairedData) or test_data.stage2 is None:
+      raise ValueError("TAP's evaluator needs the test data of `suite_data` (it carries the "
+                       "training data stage 2 fine-tunes on)")
+    order = [g.name for g in groups]
+    if list(test_data.names) != order:
+      raise ValueError(f"test groups {test_data.names} do not match the model's pairs {order}")
+    return tap_lib.make_evaluator(groups, roles, test_data.stage2, test_data.groups,
+                                  post_steps=post.get("post_steps", 50),
+                                  batch_size=post.get("post_batch_size", 32),
+                                  post_lr=post.get("post_lr", 1e-4),
+                                  temperature=post.get("temperature", 1.0), seed=config.seed)
+
+  return alg, evaluator
