@@ -26,7 +26,7 @@ from fedjax_fm.algorithm import ClientExecution, default_execution
 from fedjax_fm.checkpoint import CheckpointError
 from fedjax_fm.algorithms import feddat as feddat_lib
 from fedjax_fm.algorithms import fedbone_launch
-from fedjax_fm.algorithms import fedpft as fedpft_lib
+from fedjax_fm.algorithms import fedpft_launch
 from fedjax_fm.algorithms import tap as tap_lib
 from fedjax_fm.data import suite, text
 from fedjax_fm.evaluate import make_evaluator
@@ -193,7 +193,7 @@ def build_algorithm(config, graphdef, params, role_tree, input_keys, execution):
   if config.algorithm.name in fedbone_launch.ALGORITHMS:  # graphdef: a fedbone_launch.SplitModel
     return fedbone_launch.build_algorithm(config, graphdef, params, role_tree, execution)
   if config.algorithm.name == "fedpft":
-    return fedpft_lib.build_fedpft(config, graphdef, params, role_tree, input_keys, execution)
+    return fedpft_launch.build_fedpft(config, graphdef, params, role_tree, input_keys, execution)
   if config.algorithm.name == "tap":
     return tap_lib.build(config, graphdef, params, role_tree, execution)
   if config.algorithm.name not in algorithms.REGISTRY:
