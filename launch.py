@@ -25,8 +25,8 @@ from fedjax_fm import algorithms, assets, data, distributed, models, roles, rund
 from fedjax_fm.algorithm import ClientExecution, default_execution
 from fedjax_fm.checkpoint import CheckpointError
 from fedjax_fm.algorithms import feddat as feddat_lib
-from fedjax_fm.algorithms import fedbone as fedbone_lib
-from fedjax_fm.algorithms import fedpft as fedpft_lib
+from fedjax_fm.algorithms import fedbone_launch
+from fedjax_fm.algorithms import fedpft_launch
 from fedjax_fm.algorithms import tap_suite as tap_suite_lib
 from fedjax_fm.data import suite, text
 from fedjax_fm.evaluate import make_evaluator
@@ -79,7 +79,7 @@ def _digits_vqa(config):
 
 
 DATASETS = {"digits": _digits, "shakespeare_play": _shakespeare_play, "digits_vqa": _digits_vqa,
-            "multitask_suite": fedbone_lib.build_data,  # GroupedData: one group per task
+            "multitask_suite": fedbone_launch.build_data,  # GroupedData: one group per task
             "tap_suite": tap_suite_lib.suite_data}
 
 
@@ -135,7 +135,7 @@ def _pretrained(config, train_data):
 
 
 MODELS = {"mlp": _small_model, "cnn": _small_model, "minilm": _pretrained,
-          "pretrained": _pretrained, "fedbone": fedbone_lib.build_model,
+          "pretrained": _pretrained, "fedbone": fedbone_launch.build_model,
           "tap": tap_suite_lib.build_model}
 
 
@@ -190,14 +190,14 @@ def build_algorithm(config, graphdef, params, role_tree, input_keys, execution):
   """(algorithm, test data -> evaluate function) of `config.algorithm`."""
   if config.algorithm.name == "feddat":
     return _feddat(config, graphdef, params, role_tree, input_keys, execution)
-  if config.algorithm.name in fedbone_lib.ALGORITHMS:  # graphdef: a fedbone_lib.SplitModel
-    return fedbone_lib.build_algorithm(config, graphdef, params, role_tree, execution)
+  if config.algorithm.name in fedbone_launch.ALGORITHMS:  # graphdef: a fedbone_launch.SplitModel
+    return fedbone_launch.build_algorithm(config, graphdef, params, role_tree, execution)
   if config.algorithm.name == "fedpft":
-    return fedpft_lib.build_fedpft(config, graphdef, params, role_tree, input_keys, execution)
+    return fedpft_launch.build_fedpft(config, graphdef, params, role_tree, input_keys, execution)
   if config.algorithm.name == "tap":
     return tap_suite_lib.build(config, graphdef, params, role_tree, execution)
   if config.algorithm.name not in algorithms.REGISTRY:
-    special = ["feddat", "fedpft", "tap", *fedbone_lib.ALGORITHMS]
+    special = ["feddat", "fedpft", "tap", *fedbone_launch.ALGORITHMS]
     raise ValueError(f"unknown algorithm {config.algorithm.name!r}; choose one of "
                      f"{sorted([*algorithms.REGISTRY, *special])}")
   alg = algorithms.build(config.algorithm.name, models.classification_loss(graphdef, input_keys),

@@ -43,13 +43,19 @@ Choices where the paper is unclear or where we deviate (ALGORITHMS.md 4.2, "poin
 - The client models are personal (one per client, never aggregated), as the paper's task-
   specific client models; frozen client leaves (a pretrained text embedding table) are one copy
   in the server state and are never trained.
-- The task adaptation module is a residual bottleneck MLP on every token (identity at init); the
-  paper uses a deformable-convolution-style module on hierarchical features [recall], which
-  does not apply to a single-scale transformer.
+- The task adaptation module (`fedjax_fm.models.fedbone.ClientModel`) is a residual bottleneck
+  MLP on every token (identity at init); the paper uses a deformable-convolution-style module
+  on hierarchical features [recall], which does not apply to a single-scale transformer.
 - The client optimizer's state is fresh every round; the general model's optimizer (Adam by
   default) keeps its state across rounds.
 - With ``train_general="lora"`` the server trains LoRA branches on the general model rather
   than all its weights (the configs say which).
+
+This file holds the algorithm (`split_step_gradients`, `fedbone`), the bridge from NNX models
+to the round's functions (`client_task_group`, `encoder_general_fn`, `general_roles_for`) and
+the per-group evaluator. The suite's client models (embedder, adaptation module, head) are
+`fedjax_fm.models.fedbone`; `fedjax_fm.algorithms.fedbone_launch` turns a config into the
+grouped data, the split model and this algorithm for launch.py.
 """
 
 from __future__ import annotations
@@ -68,9 +74,7 @@ from fedjax_fm import roles as roles_lib
 from fedjax_fm.algorithm import (Algorithm, ClientExecution, ServerState, default_execution,
                                   stacked_personal)
 from fedjax_fm.cohort import FederatedData
-from fedjax_fm.models import adapters as adapters_lib
-from fedjax_fm.models import embedders as embedders_lib
-from fedjax_fm.models import heads as heads_lib
+from fedjax_fm.models.fedbone import ClientModel
 from fedjax_fm.roles import FROZEN, PERSONAL, SHARED
 
 PyTree = Any
@@ -370,89 +374,8 @@ def fedbone(general_fn: GeneralFn, groups: Sequence[TaskGroup], *,
 
 
 # ----------------------------------------------------------------------------------------------
-# Client models for the federation suite: embedder, task adaptation module, head
+# From NNX models to the round's functions
 # ----------------------------------------------------------------------------------------------
-
-CLIENT_TASKS = ("classification", "segmentation", "regression")
-
-
-class ImageTokens(nnx.Module):
-  """Images -> CLS + patch tokens (`embedders.PatchEmbeddings`) and a LayerNorm, which gives
-  them the scale of a BERT encoder's LayerNorm-ed input (as `embedders.ImageTokenEmbeddings`
-  does); every token is real."""
-
-  def __init__(self, image_size: int, patch_size: int, num_channels: int, hidden_size: int, *,
-               rngs: nnx.Rngs, input_key: str = "x", layer_norm_eps: float = 1e-12):
-    self.patches = embedders_lib.PatchEmbeddings(image_size, patch_size, num_channels,
-                                                 hidden_size, rngs=rngs)
-    self.norm = nnx.LayerNorm(hidden_size, epsilon=layer_norm_eps, use_fast_variance=False,
-                              rngs=rngs)
-    self.input_key = input_key
-
-  def __call__(self, batch, rng=None):
-    del rng
-    x = self.norm(self.patches(batch[self.input_key]))
-    return x, jnp.ones(x.shape[:2], jnp.int32)
-
-
-class TextTokens(nnx.Module):
-  """Token ids -> a text model's embeddings (`embedders.TextEmbeddings`, e.g. MiniLM's)."""
-
-  def __init__(self, text: embedders_lib.TextEmbeddings):
-    self.text = text
-
-  def __call__(self, batch, rng=None):
-    x = self.text(batch["input_ids"], batch.get("token_type_ids"), rng=rng)
-    return x, batch["attention_mask"].astype(jnp.int32)
-
-
-class ClientModel(nnx.Module):
-  """A FedBone client model: `embedder` (E), `adapter` (A, a residual bottleneck MLP on every
-  token, the identity at initialisation) and `head` (H) with its task loss.
-
-  Tasks: ``"classification"`` (mean-pooled tokens -> logits; cross-entropy, ``accuracy``),
-  ``"segmentation"`` (patch tokens -> per-pixel logits, `heads.DensePredictionHead`; per-pixel
-  cross-entropy, ``pixel_accuracy`` and ``iou``, the per-image IoU of class 1 (1 when neither
-  prediction nor target has it)), ``"regression"`` (patch tokens -> per-pixel values; ``mse``).
-  """
-
-  def __init__(self, embedder: nnx.Module, hidden_size: int, task: str, output_size: int, *,
-               rngs: nnx.Rngs, target_key: str = "y", bottleneck: int = 64,
-               image_size: int = 8, patch_size: int = 2):
-    if task not in CLIENT_TASKS:
-      raise ValueError(f"unknown client task {task!r}; use one of {CLIENT_TASKS}")
-    self.embedder = embedder
-    self.adapter = adapters_lib.BottleneckAdapter(hidden_size, bottleneck, jax.nn.gelu,
-                                                  rngs=rngs)
-    if task == "classification":
-      self.head = heads_lib.ClassificationHead(hidden_size, output_size, pooling="mean",
-                                               rngs=rngs)
-    else:
-      self.head = heads_lib.DensePredictionHead(hidden_size, image_size, patch_size, output_size,
-                                                rngs=rngs)
-    self.task_name, self.target_key = task, target_key
-
-  def embed(self, batch, rng=None):
-    return self.embedder(batch, rng)
-
-  def task(self, features, mask, batch, rng=None):
-    del rng
-    out = self.head(self.adapter(features), mask).astype(jnp.float32)
-    y = batch[self.target_key]
-    if self.task_name == "classification":
-      loss = optax.softmax_cross_entropy_with_integer_labels(out, y)
-      return loss, {"accuracy": (jnp.argmax(out, -1) == y).astype(jnp.float32)}
-    if self.task_name == "segmentation":
-      loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(out, y), axis=(1, 2))
-      pred = jnp.argmax(out, -1)
-      inter = jnp.sum((pred == 1) & (y == 1), axis=(1, 2))
-      union = jnp.sum((pred == 1) | (y == 1), axis=(1, 2))
-      iou = jnp.where(union > 0, inter / jnp.maximum(union, 1), 1.0)
-      return loss, {"pixel_accuracy": jnp.mean((pred == y).astype(jnp.float32), axis=(1, 2)),
-                    "iou": iou.astype(jnp.float32)}
-    mse = heads_lib.pixel_mse(out, y)
-    return mse, {"mse": mse}
-
 
 def client_task_group(name: str, model: ClientModel) -> tuple[TaskGroup, PyTree]:
   """(`TaskGroup`, initial parameters) of a client model: everything personal except a text
@@ -492,6 +415,10 @@ def general_roles_for(params: PyTree, train: str) -> PyTree:
     return roles_lib.assign_roles(params, frozen=r"^(?!.*/lora_)", default=SHARED)
   raise ValueError(f"unknown general-model training {train!r}; use 'full' or 'lora'")
 
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------
 
 def make_group_evaluator(general_fn: GeneralFn, group: TaskGroup, test: FederatedData,
                          batch_size: int = 64, chunk_size: int = 16):
@@ -545,127 +472,3 @@ def make_evaluator(general_fn: GeneralFn, groups: Sequence[TaskGroup],
       tuple(g.name for g in groups),
       [make_group_evaluator(general_fn, g, t, batch_size, chunk_size)
        for g, t in zip(groups, tests)], tuple(tests))
-
-
-# ----------------------------------------------------------------------------------------------
-# Launch wiring: config -> grouped data, the split model, the algorithm and its evaluator
-# ----------------------------------------------------------------------------------------------
-
-# Config algorithm name -> variant.
-ALGORITHMS = {"fedbone": "fedbone", "fedbone_average": "average", "fedbone_local": "local"}
-_HPARAMS = {"projection": "flat", "general_lr": 1e-4, "client_lr": 1e-3, "general_grad": "mean",
-            "weighted": False}
-
-
-class SplitModel(NamedTuple):
-  """What `build_model` hands `build_algorithm`: G, the task groups and the size of one
-  example's embedding per group (tokens, hidden size) for the communication count."""
-  general_fn: GeneralFn
-  groups: tuple[TaskGroup, ...]
-  tokens: tuple[int, ...]
-  hidden_size: int
-
-
-def build_data(config):
-  """(train, test) `GroupedData` of the multi-task suite in ``config.data.groups``
-  (`fedjax_fm.data.suite.build_suite` entries), text tokenised for MiniLM."""
-  from fedjax_fm.cohort import GroupedData  # pylint: disable=g-import-not-at-top
-  from fedjax_fm.data import suite, text  # pylint: disable=g-import-not-at-top
-  built = suite.build_suite([dict(g) for g in config.data.groups], seed=config.seed,
-                            tokenizer=text.minilm_tokenizer(config.data.max_length))
-  return (GroupedData(built.names, tuple(g.train for g in built.groups)),
-          GroupedData(built.names, tuple(g.test for g in built.groups)))
-
-
-def _task_of(name: str, arrays: Mapping[str, np.ndarray]) -> tuple[str, int]:
-  """The client task of a group from its target array: int labels [n] (classification),
-  int maps [n, H, W] (segmentation) or float maps [n, H, W, C] (regression)."""
-  y = arrays.get("y")
-  if y is not None and np.issubdtype(y.dtype, np.integer) and y.ndim == 1:
-    return "classification", int(y.max()) + 1
-  if y is not None and np.issubdtype(y.dtype, np.integer) and y.ndim == 3:
-    return "segmentation", max(int(y.max()) + 1, 2)
-  if y is not None and np.issubdtype(y.dtype, np.floating) and y.ndim == 4:
-    return "regression", int(y.shape[-1])
-  raise ValueError(f"group {name!r}: FedBone's client heads take 'y' as int labels [n], int "
-                   f"maps [n, H, W] or float maps [n, H, W, C]; got "
-                   f"{None if y is None else (y.dtype, y.shape)}")
-
-
-def build_model(config, train):
-  """(SplitModel, params, G's roles, group names) for ``config.model``: G is the encoder of
-  the real all-MiniLM-L6-v2 (``general="minilm"``) or of a tiny random transformer
-  (``"tiny"``), trained fully or by LoRA (``train``), optionally cut to its first
-  ``num_layers`` layers; one client model per group (image patches for ``x`` images, MiniLM's
-  own text embeddings, frozen, for ``input_ids``)."""
-  from fedjax_fm import assets  # pylint: disable=g-import-not-at-top
-  from fedjax_fm.models import pretrained, transformer  # pylint: disable=g-import-not-at-top
-  m = config.model
-  lora = m.lora.to_dict() if m.train == "lora" else None
-  dropout = {"hidden_dropout": m.dropout, "attention_dropout": m.dropout}
-  if m.general == "minilm":
-    backbone = pretrained.from_pretrained(assets.path("all-minilm-l6-v2", download=True),
-                                          lora=lora, seed=config.seed, config_overrides=dropout)
-  elif m.general == "tiny":
-    backbone = transformer.TransformerModel(
-        transformer.TransformerConfig(hidden_size=m.tiny_hidden, num_layers=2, num_heads=2,
-                                      intermediate_size=2 * m.tiny_hidden, vocab_size=30522,
-                                      **dropout),
-        rngs=nnx.Rngs(config.seed), lora=lora)
-  else:
-    raise ValueError(f"unknown config.model.general {m.general!r}; use 'minilm' or 'tiny'")
-  if m.num_layers:
-    backbone.encoder.layers = nnx.List(list(backbone.encoder.layers)[:m.num_layers])
-  graphdef, state = nnx.split(backbone.encoder)
-  general = nnx.to_pure_dict(state)
-  hidden = backbone.config.hidden_size
-  rngs = nnx.Rngs(config.seed + 1)
-  groups, client_params, tokens = [], {}, []
-  for name, fed in zip(train.names, train.groups):
-    arrays = fed.arrays
-    task, outputs = _task_of(name, arrays)
-    if "x" in arrays and arrays["x"].ndim == 4:
-      size, channels = arrays["x"].shape[1], arrays["x"].shape[3]
-      embedder = ImageTokens(size, m.patch_size, channels, hidden, rngs=rngs)
-      tokens.append(1 + (size // m.patch_size) ** 2)
-    elif "input_ids" in arrays:
-      size = 0
-      embedder = TextTokens(backbone.embeddings)
-      tokens.append(arrays["input_ids"].shape[1])
-    else:
-      raise ValueError(f"group {name!r} has neither images 'x' [n, H, W, C] nor 'input_ids'; "
-                       "FedBone's client embedders take one of them")
-    model = ClientModel(embedder, hidden, task, outputs, bottleneck=m.bottleneck, rngs=rngs,
-                        image_size=size or m.patch_size, patch_size=m.patch_size)
-    group, p = client_task_group(name, model)
-    groups.append(group)
-    client_params[name] = p
-  split = SplitModel(encoder_general_fn(graphdef), tuple(groups), tuple(tokens), hidden)
-  return (split, {"general": general, "clients": client_params},
-          general_roles_for(general, m.train), tuple(train.names))
-
-
-def build_algorithm(config, split: SplitModel, params, general_roles, execution):
-  """(algorithm, test GroupedData -> evaluate) for ``config.algorithm`` (a name in
-  `ALGORITHMS`, hyperparameters ``projection``, ``general_lr``, ``client_lr``,
-  ``general_grad``, ``weighted``)."""
-  del params
-  hparams = config.algorithm.hparams.to_dict()
-  unknown = sorted(set(hparams) - set(_HPARAMS))
-  if unknown:
-    raise ValueError(f"algorithm {config.algorithm.name!r} takes no hyperparameter {unknown}; "
-                     f"it takes {sorted(_HPARAMS)}")
-  h = {**_HPARAMS, **hparams}
-  if config.local_steps is None:
-    raise ValueError("FedBone counts split-learning iterations: set config.local_steps (and "
-                     "leave config.local_epochs None)")
-  per_example = [t * split.hidden_size * 4 for t in split.tokens]  # float32 activations
-  alg = fedbone(split.general_fn, split.groups, general_roles=general_roles,
-                variant=ALGORITHMS[config.algorithm.name], projection=h["projection"],
-                general_optimizer=optax.adam(h["general_lr"]),
-                client_optimizer=optax.adam(h["client_lr"]), general_grad=h["general_grad"],
-                weighted=h["weighted"],
-                activation_bytes=[config.local_steps * config.batch_size * b
-                                  for b in per_example],
-                execution=execution)
-  return alg, lambda test: make_evaluator(split.general_fn, split.groups, test.groups)

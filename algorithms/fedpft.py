@@ -62,29 +62,33 @@ Communication (`bytes_per_client`, per round, amortised): down = LoRA + head plu
 `align_every`, the re-aligned weights (the updated neurons' rows and columns with their indices,
 the FFN output biases and LayerNorms); up = LoRA + head plus the activation counts divided by
 `align_every`. The one-time download of the sub-FM itself is reported by `size_report`.
+
+This file holds the algorithm (`fedpft`, its server state `ProxyState`). The sub-FM itself
+(`compress_ffn`, `with_sub_ffn`, `size_report`, `model_forward`) is `fedjax_fm.models.sub_fm`;
+the alignment losses, masks and distiller are `fedjax_fm.algorithms.fedpft_alignment`;
+`fedjax_fm.algorithms.fedpft_launch` wires a config to this algorithm for launch.py.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx, struct
+from flax import struct
 
-from fedjax_fm import aggregate, clients, local, roles as roles_lib
+from fedjax_fm import aggregate, local, roles as roles_lib
 from fedjax_fm.algorithm import (Algorithm, ClientExecution, ServerState, default_execution,
                                   stacked_personal)
+from fedjax_fm.algorithms.fedpft_alignment import (default_align_optimizer, least_active_mask,
+                                                   make_distiller, neuron_update_mask)
 from fedjax_fm.cohort import Cohort
+from fedjax_fm.models.sub_fm import Forward, compress_ffn, with_sub_ffn
 from fedjax_fm.roles import FROZEN, PERSONAL, SHARED
 
 PyTree = Any
-# forward(params, batch, rng) -> (logits [B, C], intermediates) with intermediates as
-# `TransformerModel(..., return_intermediates=True)` returns them; rng None = no dropout.
-Forward = Callable[[PyTree, Mapping[str, jax.Array], jax.Array | None],
-                   tuple[jax.Array, Mapping[str, Sequence[jax.Array]]]]
 
 _ACTIVE, _TOKENS, _ZEROS = "_active", "_tokens", "_exact_zeros"
 
@@ -105,274 +109,6 @@ class ProxyState:
   sub_ffn: PyTree
   activity: jax.Array
   layer_alignment: jax.Array
-
-
-# ----------------------------------------------------------------------------------------------
-# Sub-FM construction
-# ----------------------------------------------------------------------------------------------
-
-def layer_indices(params: PyTree) -> tuple[int, ...]:
-  """The encoder layer indices of a `TransformerModel`'s parameter tree."""
-  return tuple(sorted(params["encoder"]["layers"]))
-
-
-def neuron_saliency(fc_in_kernel: jax.Array, fc_out_kernel: jax.Array) -> jax.Array:
-  """s_i = ||[W_in[i, :], W_out[:, i]]||_2 for every FFN neuron i (ALGORITHMS.md 3.2).
-
-  Flax kernels are (in, out): neuron i's input weights are column i of fc_in's kernel [D, F]
-  and its output weights row i of fc_out's kernel [F, D]. Returns [F].
-  """
-  return jnp.sqrt(jnp.sum(jnp.square(fc_in_kernel), axis=0)
-                  + jnp.sum(jnp.square(fc_out_kernel), axis=1))
-
-
-def top_neurons(saliency: jax.Array, k: int) -> jax.Array:
-  """Indices of the `k` most salient neurons, in their original (ascending) order."""
-  if not 1 <= k <= saliency.shape[-1]:
-    raise ValueError(f"keep {k} neurons of {saliency.shape[-1]}: choose 1 <= keep_neurons <= "
-                     "the FFN width")
-  return jnp.sort(jax.lax.top_k(saliency, k)[1])
-
-
-def _block(params: PyTree, i: int) -> dict:
-  """Layer i's FFN block as the sub-FM stores it: {"mlp": {fc_in, fc_out}, "mlp_norm"}."""
-  layer = params["encoder"]["layers"][i]
-  return {"mlp": {"fc_in": dict(layer["mlp"]["fc_in"]), "fc_out": dict(layer["mlp"]["fc_out"])},
-          "mlp_norm": dict(layer["mlp_norm"])}
-
-
-def compress_ffn(params: PyTree, keep_neurons: int,
-                 retained_layers: Sequence[int] = ()) -> dict[int, dict]:
-  """The sub-FM's FFN blocks: layer-wise FFN compression by neuron saliency (ALGORITHMS.md 3.2).
-
-  Every layer not in `retained_layers` keeps its `keep_neurons` most salient neurons in their
-  original order: fc_in kernel columns and bias entries, fc_out kernel rows; fc_out's bias and
-  the LayerNorm are copied. Pure and jit-able (`keep_neurons` is static).
-
-  Args:
-    params: a `TransformerModel`'s parameters (the FM).
-    keep_neurons: k, FFN neurons kept per compressed layer.
-    retained_layers: layers kept whole (not in the result).
-
-  Returns:
-    {layer index: {"mlp": {"fc_in": {kernel [D, k], bias [k]}, "fc_out": {kernel [k, D],
-    bias [D]}}, "mlp_norm": {scale, bias}}} for the compressed layers; `with_sub_ffn` puts it
-    into a parameter tree.
-  """
-  indices = layer_indices(params)
-  unknown = sorted(set(retained_layers) - set(indices))
-  if unknown:
-    raise ValueError(f"retained_layers {unknown} are not layers of the model (it has "
-                     f"{len(indices)}); use indices in 0..{len(indices) - 1}")
-  sub = {}
-  for i in indices:
-    if i in retained_layers:
-      continue
-    block = _block(params, i)
-    fc_in, fc_out = block["mlp"]["fc_in"], block["mlp"]["fc_out"]
-    idx = top_neurons(neuron_saliency(fc_in["kernel"], fc_out["kernel"]), keep_neurons)
-    block["mlp"] = {
-        "fc_in": {"kernel": jnp.take(fc_in["kernel"], idx, axis=1),
-                  "bias": jnp.take(fc_in["bias"], idx, axis=0)},
-        "fc_out": {"kernel": jnp.take(fc_out["kernel"], idx, axis=0), "bias": fc_out["bias"]}}
-    sub[i] = block
-  return sub
-
-
-def with_sub_ffn(params: PyTree, sub_ffn: Mapping[int, Mapping]) -> PyTree:
-  """`params` with the FFN blocks of `sub_ffn` in place of the FM's: the sub-FM's parameters.
-
-  Only the compressed layers' fc_in, fc_out and mlp_norm change; the tree keeps its structure
-  (narrower arrays merge with the same graph definition), so LoRA and head leaves, and trees
-  from `roles.select` with None leaves, pass through.
-  """
-  if not sub_ffn:
-    return params
-  layers = dict(params["encoder"]["layers"])
-  for i, block in sub_ffn.items():
-    layer = dict(layers[i])
-    layer["mlp"] = {**layer["mlp"], **block["mlp"]}
-    layer["mlp_norm"] = block["mlp_norm"]
-    layers[i] = layer
-  return {**params, "encoder": {**params["encoder"], "layers": layers}}
-
-
-def _count(tree: PyTree) -> int:
-  return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
-
-
-def size_report(params: PyTree, roles: PyTree, keep_neurons: int | None,
-                retained_layers: Sequence[int] = ()) -> dict[str, int]:
-  """Parameter counts and bytes of the FM and the sub-FM (shapes only; nothing is computed).
-
-  Returns:
-    ``fm_params`` / ``sub_fm_params`` (all parameters, LoRA and head included),
-    ``fm_encoder_params`` / ``sub_fm_encoder_params`` (the encoder's frozen backbone: the
-    paper's "transformer parameters"), ``sub_fm_bytes`` (the one-time download of the frozen
-    sub-FM) and ``shared_bytes`` (LoRA + head: what goes each way every round).
-  """
-  sub = ({} if keep_neurons is None else
-         jax.eval_shape(lambda p: compress_ffn(p, keep_neurons, retained_layers), params))
-  sub_params = jax.eval_shape(lambda p: with_sub_ffn(p, sub), params)
-  frozen = lambda p: roles_lib.select(p, roles, FROZEN)
-  encoder = lambda p: {"encoder": frozen(p)["encoder"]}
-  nbytes = lambda t: roles_lib.tree_bytes(t)
-  return {"fm_params": _count(params), "sub_fm_params": _count(sub_params),
-          "fm_encoder_params": _count(encoder(params)),
-          "sub_fm_encoder_params": _count(encoder(sub_params)),
-          "sub_fm_bytes": nbytes(frozen(sub_params)),
-          "shared_bytes": nbytes(roles_lib.select(params, roles, SHARED))}
-
-
-# ----------------------------------------------------------------------------------------------
-# Alignment by distillation
-# ----------------------------------------------------------------------------------------------
-
-def normalised_mse(student: jax.Array, teacher: jax.Array, token_mask: jax.Array) -> jax.Array:
-  """mean((h_T - h_S)^2) / mean(h_T^2) over the real tokens ([B, T, D] states, [B, T] mask)."""
-  m = token_mask[..., None].astype(jnp.float32)
-  num = jnp.sum(m * jnp.square(teacher.astype(jnp.float32) - student.astype(jnp.float32)))
-  den = jnp.sum(m * jnp.square(teacher.astype(jnp.float32)))
-  return num / jnp.maximum(den, jnp.finfo(jnp.float32).tiny)
-
-
-def ffn_product(block: Mapping) -> jax.Array:
-  """P = W_in W_out [D, D], the FFN's linear part (x -> x P with (in, out) kernels)."""
-  return block["mlp"]["fc_in"]["kernel"] @ block["mlp"]["fc_out"]["kernel"]
-
-
-def product_mismatch(student_block: Mapping, teacher_block: Mapping,
-                     product_grad: bool = True) -> jax.Array:
-  """mean((P_T - P_S)^2) / mean(P_T^2); with ``product_grad=False`` P_S is a constant (the
-  reference code's ``.data``), so the term adds to the loss but not to the gradient."""
-  p_t = jax.lax.stop_gradient(ffn_product(teacher_block))
-  p_s = ffn_product(student_block)
-  if not product_grad:
-    p_s = jax.lax.stop_gradient(p_s)
-  return jnp.mean(jnp.square(p_t - p_s)) / jnp.mean(jnp.square(p_t))
-
-
-def alignment_loss(student_hidden: Sequence[jax.Array], teacher_hidden: Sequence[jax.Array],
-                   token_mask: jax.Array, student_sub: Mapping[int, Mapping],
-                   teacher_blocks: Mapping[int, Mapping], *, alpha: float,
-                   product_grad: bool = True) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-  """FedPFT's layer-wise distillation loss (ALGORITHMS.md 3.3), mean over all layers.
-
-  Returns:
-    (loss, (hidden term, product term)): loss = hidden + alpha * product, each a mean over
-    the distilled layers (retained layers contribute no product term).
-  """
-  num_layers = len(teacher_hidden)
-  hidden = sum(normalised_mse(s, t, token_mask)
-               for s, t in zip(student_hidden, teacher_hidden)) / num_layers
-  product = sum((product_mismatch(student_sub[i], teacher_blocks[i], product_grad)
-                 for i in student_sub), jnp.zeros(())) / num_layers
-  return hidden + alpha * product, (hidden, product)
-
-
-def neuron_update_mask(updated: Mapping[int, jax.Array]) -> dict[int, dict]:
-  """Gradient mask over the sub-FFN for neuron-level alignment (ALGORITHMS.md 3.5, 3.10).
-
-  Args:
-    updated: {layer: [k] 1.0 for a neuron to update, 0.0 for one to keep}.
-
-  Returns:
-    A tree like `compress_ffn`'s with broadcastable multipliers: neuron i's fc_in column,
-    fc_in bias and fc_out row get `updated[i]`; fc_out's bias and the LayerNorm are updated.
-  """
-  one = jnp.ones((), jnp.float32)
-  return {i: {"mlp": {"fc_in": {"kernel": u[None, :], "bias": u},
-                      "fc_out": {"kernel": u[:, None], "bias": one}},
-              "mlp_norm": {"scale": one, "bias": one}} for i, u in updated.items()}
-
-
-def least_active_mask(activity: jax.Array, retained_ratio: float, rng: jax.Array) -> jax.Array:
-  """[k] 1.0 for the (1 - p) least active neurons (to update), 0.0 for the p most active
-  (kept). Ties (e.g. equal activity) are broken at random."""
-  k = activity.shape[-1]
-  num_kept = int(round(retained_ratio * k))
-  order = jnp.lexsort((jax.random.uniform(rng, (k,)), -activity))  # most active first
-  rank = jnp.zeros((k,), jnp.int32).at[order].set(jnp.arange(k, dtype=jnp.int32))
-  return (rank >= num_kept).astype(jnp.float32)
-
-
-def make_distiller(forward: Forward, public: Mapping[str, jax.Array], *, steps: int,
-                   batch_size: int, optimizer: optax.GradientTransformation, alpha: float,
-                   product_grad: bool = True, mask_key: str = "attention_mask"):
-  """Sub-FM -> FM distillation on the server's public data (both alignment levels).
-
-  Returns:
-    distill(sub_ffn, params, update_mask, rng) -> (new sub_ffn, {"loss", "hidden", "product"}
-    each [steps], measured before each step's update). The teacher is `params` (the FM with its
-    current LoRA), the student ``with_sub_ffn(params, sub_ffn)``; only `sub_ffn` is trained, with
-    a fresh `optimizer`, on `batch_size` random public examples per step. `update_mask` (a tree
-    of multipliers, `neuron_update_mask`, or None for all) scales both the gradients and the
-    optimizer's updates, so masked weights stay bit-identical even under weight decay.
-  """
-  n = int(public[mask_key].shape[0])
-  if not 1 <= batch_size <= n:
-    raise ValueError(f"align batch size {batch_size} must be in 1..{n} (the public examples)")
-  public = {k: jnp.asarray(v) for k, v in public.items()}
-
-  def student_loss(sub, params, teacher_hidden, teacher_blocks, batch):
-    _, inter = forward(with_sub_ffn(params, sub), batch, None)
-    return alignment_loss(inter["hidden_states"], teacher_hidden, batch[mask_key], sub,
-                          teacher_blocks, alpha=alpha, product_grad=product_grad)
-
-  grad_fn = jax.value_and_grad(student_loss, has_aux=True)
-
-  def distill(sub_ffn, params, update_mask, rng):
-    teacher_blocks = {i: _block(params, i) for i in sub_ffn}
-    masked = ((lambda t: t) if update_mask is None else
-              (lambda t: jax.tree_util.tree_map(lambda x, m: x * m.astype(x.dtype), t,
-                                                update_mask)))
-
-    def step(carry, key):
-      sub, opt_state = carry
-      idx = jax.random.choice(key, n, (batch_size,), replace=False)
-      batch = {k: jnp.take(v, idx, axis=0) for k, v in public.items()}
-      _, t_inter = forward(params, batch, None)
-      t_hidden = jax.lax.stop_gradient(t_inter["hidden_states"])
-      (loss, (hidden, product)), grads = grad_fn(sub, params, t_hidden, teacher_blocks, batch)
-      updates, opt_state = optimizer.update(masked(grads), opt_state, sub)
-      sub = optax.apply_updates(sub, masked(updates))
-      return (sub, opt_state), {"loss": loss, "hidden": hidden, "product": product}
-
-    (sub_ffn, _), losses = jax.lax.scan(step, (sub_ffn, optimizer.init(sub_ffn)),
-                                        jax.random.split(rng, steps))
-    return sub_ffn, losses
-
-  return distill
-
-
-def model_forward(graphdef: nnx.GraphDef,
-                  input_keys: str | Sequence[str] = ("input_ids", "attention_mask"),
-                  train: bool = True) -> Forward:
-  """`Forward` of a `TransformerModel` graph definition: (logits, intermediates).
-
-  Args:
-    graphdef: the model's graph definition (`fedjax_fm.models.functional`).
-    input_keys: batch keys passed positionally.
-    train: dropout on when a key is given (False: never).
-  """
-  keys = (input_keys,) if isinstance(input_keys, str) else tuple(input_keys)
-
-  def forward(params, batch, rng):
-    model = nnx.merge(graphdef, params)
-    return model(*(batch[k] for k in keys), rng=rng if train else None,
-                 return_intermediates=True)
-
-  return forward
-
-
-# ----------------------------------------------------------------------------------------------
-# The algorithm
-# ----------------------------------------------------------------------------------------------
-
-def default_align_optimizer(learning_rate: float = 6e-4) -> optax.GradientTransformation:
-  """AdamW as the reference distils (lr 6e-4, weight decay 0.01, clip 1.0), constant lr."""
-  return optax.chain(optax.clip_by_global_norm(1.0),
-                     optax.adamw(learning_rate, weight_decay=0.01))
 
 
 def _check_roles(params: PyTree, roles: PyTree):
@@ -626,88 +362,3 @@ def fedpft(forward: Forward, roles: PyTree, params: PyTree, *,
 
   return Algorithm(init=init, init_clients=init_clients, round=round_fn,
                    bytes_per_client=bytes_per_client)
-
-
-# ----------------------------------------------------------------------------------------------
-# Launch wiring
-# ----------------------------------------------------------------------------------------------
-
-# Baselines by name: the sub-FM without alignment (FedOT-like) and FedAvg-LoRA on the full FM.
-VARIANTS = ("fedpft", "fedot", "full")
-HPARAMS = ("variant", "client_lr", "keep_neurons", "retained_layers", "layer_align_steps",
-           "align_every", "align_steps", "align_batch_size", "align_retained_ratio", "align_lr",
-           "alpha", "product_grad", "active_threshold", "weighted", "public_examples")
-
-
-def shakespeare_public_inputs(*, num_plays_held: int, count: int, max_length: int, seed: int,
-                              unit: str = "speech", min_chars: int = 20,
-                              input_keys: Sequence[str] = ("input_ids", "attention_mask",
-                                                           "token_type_ids")
-                              ) -> dict[str, np.ndarray]:
-  """The server's public distillation data for the Shakespeare play-classification clients.
-
-  The clients hold speeches of the `num_plays_held` plays with the most speeches
-  (`fedjax_fm.data.suite.minilm_play_classification`, same `unit` and `min_chars`, so the same
-  play ranking); the public split is `count` random speeches of the *other* plays, tokenised
-  with the all-MiniLM-L6-v2 tokenizer: disjoint from every client's train and test data.
-  """
-  from fedjax_fm.data import shakespeare, text  # pylint: disable=import-outside-toplevel
-  texts, labels, _, _ = shakespeare.classification_examples(
-      shakespeare.load_records(), target="play", unit=unit, min_chars=min_chars)
-  pool = texts[labels >= num_plays_held]
-  if count > len(pool):
-    raise ValueError(f"public_examples={count} but only {len(pool)} speeches of other plays; "
-                     "lower config.algorithm.hparams.public_examples")
-  rng = np.random.default_rng([seed, 0x9F7])
-  chosen = pool[np.sort(rng.choice(len(pool), count, replace=False))]
-  encoded = text.minilm_tokenizer(max_length).encode(chosen.tolist())
-  return {k: np.asarray(encoded[k]) for k in input_keys}
-
-
-def build_fedpft(config, graphdef, params, role_tree, input_keys, execution):
-  """launch.py's builder: FedPFT or a baseline (``hparams.variant``) on the Shakespeare
-  play-classification clients, with the public split of `shakespeare_public_inputs` (one
-  fixed draw, the same for every seed, as a server's corpus would be).
-
-  Returns:
-    (algorithm, test data -> evaluate function); evaluation is of the full FM with the
-    aggregated LoRA and head (personalized: each client's test split; global: pooled; FedPFT
-    keeps no personal state, so the two are the same model).
-  """
-  from fedjax_fm import models  # pylint: disable=import-outside-toplevel
-  from fedjax_fm.evaluate import make_evaluator  # pylint: disable=import-outside-toplevel
-  hp = config.algorithm.hparams.to_dict()
-  unknown = sorted(set(hp) - set(HPARAMS))
-  if unknown:
-    raise ValueError(f"algorithm 'fedpft' takes no hyperparameter {unknown}; it takes "
-                     f"{sorted(HPARAMS)}")
-  variant = hp.get("variant", "fedpft")
-  if variant not in VARIANTS:
-    raise ValueError(f"unknown fedpft variant {variant!r}; use one of {VARIANTS}")
-  if config.data.name != "shakespeare_play":
-    raise ValueError(f"fedpft's public split is built for data.name='shakespeare_play', got "
-                     f"{config.data.name!r}")
-  full = variant == "full"
-  aligned = variant == "fedpft"
-  public = None
-  if aligned:
-    public = shakespeare_public_inputs(
-        num_plays_held=config.data.num_plays, count=hp.get("public_examples", 256),
-        max_length=config.data.max_length, seed=0, unit=config.data.unit,
-        input_keys=input_keys)
-  alg = fedpft(model_forward(graphdef, input_keys), role_tree, params,
-               keep_neurons=None if full else hp.get("keep_neurons", 384),
-               retained_layers=() if full else tuple(hp.get("retained_layers", ())),
-               public=public,
-               layer_align_steps=hp.get("layer_align_steps", 100) if aligned else 0,
-               align_every=hp.get("align_every", 2) if aligned else 0,
-               align_steps=hp.get("align_steps", 10) if aligned else 0,
-               align_batch_size=hp.get("align_batch_size", 16),
-               align_retained_ratio=hp.get("align_retained_ratio", 0.5),
-               alpha=hp.get("alpha", 0.01), product_grad=hp.get("product_grad", True),
-               active_threshold=hp.get("active_threshold", 1e-2),
-               align_optimizer=default_align_optimizer(hp.get("align_lr", 6e-4)),
-               client_optimizer=optax.adam(hp.get("client_lr", 8e-4)),
-               weighted=hp.get("weighted", True), execution=execution)
-  eval_loss = models.classification_loss(graphdef, input_keys, train=False)
-  return alg, lambda test_data: make_evaluator(eval_loss, test_data)

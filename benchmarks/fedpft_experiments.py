@@ -47,7 +47,8 @@ def sizes():
   """Parameter counts and bytes of the FM and the sub-FM of the config, from shapes only."""
   from configs import fedpft_text
   from fedjax_fm import assets, models
-  from fedjax_fm.algorithms import fedpft
+  from fedjax_fm.algorithms.fedpft import fedpft
+  from fedjax_fm.models.sub_fm import size_report
   c = fedpft_text.get_config()
   hp = c.algorithm.hparams
   build = lambda: models.from_pretrained(
@@ -55,11 +56,12 @@ def sizes():
       head={"kind": "classification", "pooling": "mean", "num_classes": c.data.num_plays})
   _, params = models.functional(build())
   roles = models.transformer_roles(params, trainable=tuple(c.model.trainable))
-  report = fedpft.size_report(params, roles, hp.keep_neurons, tuple(hp.retained_layers))
-  alg = fedpft.fedpft(lambda *a: None, roles, params, keep_neurons=hp.keep_neurons,
-                      retained_layers=tuple(hp.retained_layers), public={"attention_mask": np.zeros((1, 1))},
-                      align_every=hp.align_every, align_steps=1, align_batch_size=1,
-                      align_retained_ratio=hp.align_retained_ratio)
+  report = size_report(params, roles, hp.keep_neurons, tuple(hp.retained_layers))
+  alg = fedpft(lambda *a: None, roles, params, keep_neurons=hp.keep_neurons,
+               retained_layers=tuple(hp.retained_layers),
+               public={"attention_mask": np.zeros((1, 1))},
+               align_every=hp.align_every, align_steps=1, align_batch_size=1,
+               align_retained_ratio=hp.align_retained_ratio)
   report["fedpft_bytes_down_up_per_client_round"] = alg.bytes_per_client(params)
   return report
 

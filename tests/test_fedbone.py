@@ -11,6 +11,7 @@ from fedjax_fm import cohort as cohort_lib, local, roles as roles_lib, sharding
 from fedjax_fm import runner as runner_lib
 from fedjax_fm.algorithm import ClientExecution
 from fedjax_fm.algorithms import fedbone as fb
+from fedjax_fm.models import fedbone as fedbone_models
 from fedjax_fm.models import transformer as transformer_lib
 from fedjax_fm.roles import PERSONAL
 
@@ -196,10 +197,10 @@ def test_suite_client_models_split_gradients_and_evaluation():
     rngs = nnx.Rngs(0)
     model = transformer_lib.TransformerModel(config, rngs=rngs,
                                              lora={"rank": 2, "alpha": 4.0, "targets": ("q",)})
-    ink = fb.ClientModel(fb.ImageTokens(8, 4, 1, 16, rngs=rngs), 16, "segmentation", 2,
-                         bottleneck=4, patch_size=4, rngs=rngs)
-    text = fb.ClientModel(fb.TextTokens(model.embeddings), 16, "classification", 3,
-                          bottleneck=4, rngs=rngs)
+    ink = fedbone_models.ClientModel(fedbone_models.ImageTokens(8, 4, 1, 16, rngs=rngs), 16,
+                                     "segmentation", 2, bottleneck=4, patch_size=4, rngs=rngs)
+    text = fedbone_models.ClientModel(fedbone_models.TextTokens(model.embeddings), 16,
+                                      "classification", 3, bottleneck=4, rngs=rngs)
     return model, ink, text
 
   model, ink_model, text_model = build()

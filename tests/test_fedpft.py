@@ -16,12 +16,14 @@ from flax import nnx
 
 from fedjax_fm import roles as roles_lib
 from fedjax_fm.algorithm import ClientExecution
-from fedjax_fm.algorithms.fedpft import (alignment_loss, compress_ffn, fedpft, least_active_mask,
-                                         make_distiller, model_forward, neuron_saliency,
-                                         neuron_update_mask, normalised_mse, product_mismatch,
-                                         size_report, top_neurons, with_sub_ffn)
+from fedjax_fm.algorithms.fedpft import fedpft
+from fedjax_fm.algorithms.fedpft_alignment import (alignment_loss, least_active_mask,
+                                                   make_distiller, neuron_update_mask,
+                                                   normalised_mse, product_mismatch)
 from fedjax_fm.cohort import Cohort
 from fedjax_fm.models import TransformerConfig, TransformerModel, functional, transformer_roles
+from fedjax_fm.models.sub_fm import (compress_ffn, model_forward, neuron_saliency, size_report,
+                                     top_neurons, with_sub_ffn)
 from fedjax_fm.roles import SHARED
 from fedjax_fm.runner import RoundRunner, default_compiler_options
 from fedjax_fm import sharding
