@@ -15,7 +15,6 @@ anything in the workdir is touched.
 import os
 import sys
 
-import jax
 import jax.numpy as jnp
 from absl import app, flags, logging
 from flax import nnx

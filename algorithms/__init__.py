@@ -1,6 +1,9 @@
 """Federated algorithms (installed as `fedjax_fm.algorithms`): one file, one factory each.
 
-`build(name, ...)` is the one place a config's algorithm name becomes a factory call.
+`build(name, ...)` is the one place a config's algorithm name becomes a factory call for the
+algorithms over one model and a loss (the registry). The seed papers' algorithms with their own
+model structure (FedDAT, FedPFT, FedBone, TAP) are wired by `launch.py` through their
+`*_launch` / `tap_suite` modules; FedPFT's alignment lives in `fedpft_alignment.py`.
 """
 
 import inspect
