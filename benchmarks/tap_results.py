@@ -10,6 +10,7 @@ Expects workdirs ``<runs>/<variant>_s<seed>`` written by (one per seed 0, 1, 2):
   python launch.py --config configs/tap_suite.py:no_distill --config.seed=S --workdir <runs>/nokd_sS
   python launch.py --config configs/tap_suite.py:pairs2 --config.seed=S --workdir <runs>/pairs2_sS
   python launch.py --config configs/tap_suite.py:pairs4 --config.seed=S --workdir <runs>/pairs4_sS
+  python launch.py --config configs/tap_suite.py:pairs8 --config.seed=S --workdir <runs>/pairs8_sS
 
 One TAP run reports four models per client (its evaluation runs stage 2): TAP
 (``personalized``), FedAvg (``global``: the server model restricted to the client), FedAvg +
@@ -17,8 +18,9 @@ local fine-tuning (``global_ft``) and the personal model before stage 2 (``perso
 the ``no_replacement`` variant the personal models never take anything from the server, so its
 ``personal_fl`` is Local training (the ``local`` variant runs the same round) and its
 ``personalized`` is TAP without replacement.
-Prints markdown tables (mean ± std over the seeds found, sample std) and plots the server
-model's per-task metric against the number of modality-task pairs.
+Prints markdown tables (mean ± std over the seeds found, sample std; the replacement rate per
+group from each run's ``metrics.jsonl``) and plots the server model's per-task metric against
+the number of modality-task pairs.
 """
 
 from __future__ import annotations
@@ -39,7 +41,10 @@ METHODS = (("TAP", "tap", "personalized"), ("FedAvg", "tap", "global"),
 GROUPS = {"digits_classification": ("accuracy", True),
           "shakespeare_classification": ("accuracy", True),
           "digits_denoising": ("mse", False), "shakespeare_next_char": ("accuracy", True),
-          "digits_segmentation": ("accuracy", True), "digits_vqa": ("accuracy", True)}
+          "digits_segmentation": ("accuracy", True), "digits_vqa": ("accuracy", True),
+          "shakespeare_speaker": ("accuracy", True), "digits_matching": ("accuracy", True)}
+DEFAULT_GROUPS = tuple(GROUPS)[:6]     # the default (6-pair) federation's groups
+SWEEP = ((2, "pairs2"), (4, "pairs4"), (6, "tap"), (8, "pairs8"))
 
 
 def finals(runs: str, prefix: str) -> list[dict]:
@@ -61,13 +66,13 @@ def cell(values: list[float], digits: int = 3) -> str:
 
 
 def method_table(runs: str) -> str:
-  head = "| method | " + " | ".join(f"{g} ({m}{'↑' if up else '↓'})"
-                                     for g, (m, up) in GROUPS.items()) + " |"
-  lines = [head, "|" + "---|" * (len(GROUPS) + 1)]
+  head = "| method | " + " | ".join(f"{g} ({GROUPS[g][0]}{'↑' if GROUPS[g][1] else '↓'})"
+                                     for g in DEFAULT_GROUPS) + " |"
+  lines = [head, "|" + "---|" * (len(DEFAULT_GROUPS) + 1)]
   for label, prefix, mode in METHODS:
     rows = finals(runs, prefix)
-    cells = [cell([r[f"{mode}/{g}/{m}"] for r in rows if f"{mode}/{g}/{m}" in r])
-             for g, (m, _) in GROUPS.items()]
+    cells = [cell([r[f"{mode}/{g}/{GROUPS[g][0]}"] for r in rows
+                   if f"{mode}/{g}/{GROUPS[g][0]}" in r]) for g in DEFAULT_GROUPS]
     lines.append(f"| {label} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
@@ -75,7 +80,7 @@ def method_table(runs: str) -> str:
 def sweep(runs: str) -> dict[int, dict[str, list[float]]]:
   """Number of pairs -> group -> the server model's (``global``) metric per seed."""
   out = {}
-  for n, prefix in ((2, "pairs2"), (4, "pairs4"), (6, "tap")):
+  for n, prefix in SWEEP:
     rows = finals(runs, prefix)
     out[n] = {g: [r[f"global/{g}/{m}"] for r in rows if f"global/{g}/{m}" in r]
               for g, (m, _) in GROUPS.items()}
@@ -87,6 +92,25 @@ def sweep_table(data) -> str:
            "|" + "---|" * (len(GROUPS) + 1)]
   for n, per_group in data.items():
     lines.append(f"| {n} | " + " | ".join(cell(per_group[g]) for g in GROUPS) + " |")
+  return "\n".join(lines)
+
+
+def replacement_table(runs: str) -> str:
+  """Per run: the fraction of sampled clients whose personal model was replaced, averaged over
+  rounds (``train/<group>/replaced`` and ``train/replaced`` in metrics.jsonl)."""
+  lines = ["| run | " + " | ".join(GROUPS) + " | all |", "|" + "---|" * (len(GROUPS) + 2)]
+  for prefix in ("tap", "pairs2", "pairs4", "pairs8"):
+    for d in sorted(glob.glob(os.path.join(runs, f"{prefix}_s*"))):
+      f = os.path.join(d, "metrics.jsonl")
+      if not os.path.isfile(os.path.join(d, "summary.json")):
+        continue
+      with open(f) as fh:
+        records = [json.loads(line) for line in fh if line.strip()]
+      def mean(key):
+        vals = [r[key] for r in records if key in r]
+        return f"{np.mean(vals):.2f}" if vals else ""
+      lines.append(f"| {os.path.basename(d)} | " + " | ".join(
+          mean(f"train/{g}/replaced") for g in GROUPS) + f" | {mean('train/replaced')} |")
   return "\n".join(lines)
 
 
@@ -108,7 +132,7 @@ def plot(data, path: str):
   axes[0].legend(fontsize=7)
   axes[1].legend(fontsize=7)
   for ax in axes:
-    ax.set_xticks([2, 4, 6])
+    ax.set_xticks([n for n, _ in SWEEP])
   fig.suptitle("TAP server model per task vs number of modality-task pairs (mean ± std)",
                fontsize=9)
   fig.tight_layout()
@@ -125,6 +149,8 @@ def main():
   print()
   data = sweep(args.runs)
   print(sweep_table(data))
+  print()
+  print(replacement_table(args.runs))
   plot(data, args.plot)
 
 
