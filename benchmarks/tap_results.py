@@ -1,6 +1,7 @@
 """TAP's tables and the pair-sweep plot from finished runs of configs/tap_suite.py.
 
-  python benchmarks/tap_results.py --runs /tmp/runs --plot results/tap_pairs_sweep.png
+  python benchmarks/tap_results.py --runs /tmp/runs --plot results/tap_pairs_sweep.png \
+      --convergence_plot results/tap_pairs_convergence.png
 
 Expects workdirs ``<runs>/<variant>_s<seed>`` written by (one per seed 0, 1, 2)::
 
@@ -140,10 +141,53 @@ def plot(data, path: str):
   fig.savefig(path, dpi=90)
 
 
+def convergence(runs: str) -> dict[int, dict[str, np.ndarray]]:
+  """Number of pairs -> group -> [seeds, rounds] training loss of the global-path model
+  (``train/<group>/global_loss``) for the groups every sweep point has (the first two)."""
+  shared = tuple(GROUPS)[:2]
+  out = {}
+  for n, prefix in SWEEP:
+    curves = {g: [] for g in shared}
+    for d in sorted(glob.glob(os.path.join(runs, f"{prefix}_s*"))):
+      if not os.path.isfile(os.path.join(d, "summary.json")):
+        continue
+      with open(os.path.join(d, "metrics.jsonl")) as fh:
+        records = [json.loads(line) for line in fh if line.strip()]
+      for g in shared:
+        curves[g].append([r[f"train/{g}/global_loss"] for r in records
+                          if f"train/{g}/global_loss" in r])
+    if all(curves.values()):
+      out[n] = {g: np.asarray(c, np.float64) for g, c in curves.items()}
+  return out
+
+
+def plot_convergence(data, path: str):
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  groups = list(next(iter(data.values()))) if data else []
+  fig, axes = plt.subplots(1, max(len(groups), 1), figsize=(9, 3.4))
+  for ax, g in zip(np.atleast_1d(axes), groups):
+    for n, per_group in data.items():
+      c = per_group[g]
+      rounds = np.arange(1, c.shape[1] + 1)
+      mean, std = c.mean(0), (c.std(0, ddof=1) if len(c) > 1 else np.zeros(c.shape[1]))
+      ax.plot(rounds, mean, label=f"{n} pairs (n={len(c)})")
+      ax.fill_between(rounds, mean - std, mean + std, alpha=0.2)
+    ax.set(title=g, xlabel="round", ylabel="global-path training loss")
+    ax.legend(fontsize=7)
+  fig.suptitle("Server (global-path) model convergence vs number of modality-task pairs",
+               fontsize=9)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  fig.savefig(path, dpi=90)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--runs", default="/tmp/runs")
   parser.add_argument("--plot", default="results/tap_pairs_sweep.png")
+  parser.add_argument("--convergence_plot", default="results/tap_pairs_convergence.png")
   args = parser.parse_args()
   print(method_table(args.runs))
   print()
@@ -152,6 +196,7 @@ def main():
   print()
   print(replacement_table(args.runs))
   plot(data, args.plot)
+  plot_convergence(convergence(args.runs), args.convergence_plot)
 
 
 if __name__ == "__main__":
