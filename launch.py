@@ -26,7 +26,7 @@ from fedjax_fm.checkpoint import CheckpointError
 from fedjax_fm.algorithms import feddat as feddat_lib
 from fedjax_fm.algorithms import fedbone_launch
 from fedjax_fm.algorithms import fedpft_launch
-from fedjax_fm.algorithms import tap_suite as tap_suite_lib
+from fedjax_fm.algorithms import tap_launch
 from fedjax_fm.data import suite, text
 from fedjax_fm.evaluate import make_evaluator
 from fedjax_fm.train import train
@@ -79,7 +79,7 @@ def _digits_vqa(config):
 
 DATASETS = {"digits": _digits, "shakespeare_play": _shakespeare_play, "digits_vqa": _digits_vqa,
             "multitask_suite": fedbone_launch.build_data,  # GroupedData: one group per task
-            "tap_suite": tap_suite_lib.suite_data}
+            "tap_suite": tap_launch.suite_data}
 
 
 def build_data(config):
@@ -135,7 +135,7 @@ def _pretrained(config, train_data):
 
 MODELS = {"mlp": _small_model, "cnn": _small_model, "minilm": _pretrained,
           "pretrained": _pretrained, "fedbone": fedbone_launch.build_model,
-          "tap": tap_suite_lib.build_model}
+          "tap": tap_launch.build_model}
 
 
 def build_model(config, train_data):
@@ -192,9 +192,10 @@ def build_algorithm(config, graphdef, params, role_tree, input_keys, execution):
   if config.algorithm.name in fedbone_launch.ALGORITHMS:  # graphdef: a fedbone_launch.SplitModel
     return fedbone_launch.build_algorithm(config, graphdef, params, role_tree, execution)
   if config.algorithm.name == "fedpft":
-    return fedpft_launch.build_fedpft(config, graphdef, params, role_tree, input_keys, execution)
+    return fedpft_launch.build_algorithm(config, graphdef, params, role_tree, input_keys,
+                                         execution)
   if config.algorithm.name == "tap":
-    return tap_suite_lib.build(config, graphdef, params, role_tree, execution)
+    return tap_launch.build_algorithm(config, graphdef, params, role_tree, execution)
   if config.algorithm.name not in algorithms.REGISTRY:
     special = ["feddat", "fedpft", "tap", *fedbone_launch.ALGORITHMS]
     raise ValueError(f"unknown algorithm {config.algorithm.name!r}; choose one of "

@@ -2,8 +2,9 @@
 
 `build(name, ...)` is the one place a config's algorithm name becomes a factory call for the
 algorithms over one model and a loss (the registry). The seed papers' algorithms with their own
-model structure (FedDAT, FedPFT, FedBone, TAP) are wired by `launch.py` through their
-`*_launch` / `tap_suite` modules; FedPFT's alignment lives in `fedpft_alignment.py`.
+model structure are wired by `launch.py`: FedDAT directly (`launch._feddat`), FedPFT, FedBone
+and TAP through their `*_launch` modules (`build_algorithm`); FedPFT's alignment lives in
+`fedpft_alignment.py`.
 """
 
 import inspect

@@ -1,6 +1,6 @@
 """FedPFT's launch wiring: config -> the server's public split, the algorithm, its evaluator.
 
-launch.py calls `build_fedpft` for ``config.algorithm.name == "fedpft"``
+launch.py calls `build_algorithm` for ``config.algorithm.name == "fedpft"``
 (`configs/fedpft_text.py`): FedPFT or one of its baselines (`VARIANTS`) on the Shakespeare
 play-classification clients, distilling on the public data of `shakespeare_public_inputs`.
 """
@@ -50,7 +50,7 @@ def shakespeare_public_inputs(*, num_plays_held: int, count: int, max_length: in
   return {k: np.asarray(encoded[k]) for k in input_keys}
 
 
-def build_fedpft(config, graphdef, params, role_tree, input_keys, execution):
+def build_algorithm(config, graphdef, params, role_tree, input_keys, execution):
   """launch.py's builder: FedPFT or a baseline (``hparams.variant``) on the Shakespeare
   play-classification clients, with the public split of `shakespeare_public_inputs` (one
   fixed draw, the same for every seed, as a server's corpus would be).

@@ -605,15 +605,15 @@ def make_evaluator(groups: Sequence[TAPGroup], roles: PyTree,
       rest = restrict(server_params, parts.rest_mask(g))
       data, mask = test_data[g]
       for mode, models in zip(EVAL_MODES, (start, teacher, personal, student)):
-        sums = jax.vmap(lambda m, d, k: parts.evaluate_sums(g, m, rest, d, k))(
+        sums = jax.vmap(lambda m, d, mk: parts.evaluate_sums(g, m, rest, d, mk))(
             models, data, mask)
         out.update(evaluate_lib.metrics_from_sums(sums, f"{mode}/{group.name}"))
     for mode in EVAL_MODES:
       means = {}
-      for k, v in out.items():
-        parts_k = k.split("/")
-        if parts_k[0] == mode and len(parts_k) == 3 and not parts_k[2].startswith("per_client_"):
-          means.setdefault(parts_k[2], []).append(v)
+      for key, value in out.items():   # "<mode>/<group>/<metric>" -> the metric's group means
+        path = key.split("/")
+        if len(path) == 3 and path[0] == mode and not path[2].startswith("per_client_"):
+          means.setdefault(path[2], []).append(value)
       out.update({f"{mode}/{name}": sum(vals) / len(vals) for name, vals in means.items()})
     return out
 

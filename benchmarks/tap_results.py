@@ -48,14 +48,24 @@ DEFAULT_GROUPS = tuple(GROUPS)[:6]     # the default (6-pair) federation's group
 SWEEP = ((2, "pairs2"), (4, "pairs4"), (6, "tap"), (8, "pairs8"))
 
 
+def finished(runs: str, prefix: str) -> list[str]:
+  """The workdirs ``<runs>/<prefix>_s<seed>`` whose run finished (wrote summary.json)."""
+  return [d for d in sorted(glob.glob(os.path.join(runs, f"{prefix}_s*")))
+          if os.path.isfile(os.path.join(d, "summary.json"))]
+
+
 def finals(runs: str, prefix: str) -> list[dict]:
   out = []
-  for d in sorted(glob.glob(os.path.join(runs, f"{prefix}_s*"))):
-    f = os.path.join(d, "summary.json")
-    if os.path.isfile(f):
-      with open(f) as fh:
-        out.append(json.load(fh)["final"])
+  for d in finished(runs, prefix):
+    with open(os.path.join(d, "summary.json")) as fh:
+      out.append(json.load(fh)["final"])
   return out
+
+
+def records(workdir: str) -> list[dict]:
+  """The per-round records of a run (metrics.jsonl)."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as fh:
+    return [json.loads(line) for line in fh if line.strip()]
 
 
 def cell(values: list[float], digits: int = 3) -> str:
@@ -100,16 +110,14 @@ def replacement_table(runs: str) -> str:
   """Per run: the fraction of sampled clients whose personal model was replaced, averaged over
   rounds (``train/<group>/replaced`` and ``train/replaced`` in metrics.jsonl)."""
   lines = ["| run | " + " | ".join(GROUPS) + " | all |", "|" + "---|" * (len(GROUPS) + 2)]
-  for prefix in ("tap", "pairs2", "pairs4", "pairs8"):
-    for d in sorted(glob.glob(os.path.join(runs, f"{prefix}_s*"))):
-      f = os.path.join(d, "metrics.jsonl")
-      if not os.path.isfile(os.path.join(d, "summary.json")):
-        continue
-      with open(f) as fh:
-        records = [json.loads(line) for line in fh if line.strip()]
-      def mean(key):
-        vals = [r[key] for r in records if key in r]
+  for _, prefix in SWEEP:
+    for d in finished(runs, prefix):
+      rounds = records(d)
+
+      def mean(key, rounds=rounds):
+        vals = [r[key] for r in rounds if key in r]
         return f"{np.mean(vals):.2f}" if vals else ""
+
       lines.append(f"| {os.path.basename(d)} | " + " | ".join(
           mean(f"train/{g}/replaced") for g in GROUPS) + f" | {mean('train/replaced')} |")
   return "\n".join(lines)
@@ -148,16 +156,15 @@ def convergence(runs: str) -> dict[int, dict[str, np.ndarray]]:
   out = {}
   for n, prefix in SWEEP:
     curves = {g: [] for g in shared}
-    for d in sorted(glob.glob(os.path.join(runs, f"{prefix}_s*"))):
-      if not os.path.isfile(os.path.join(d, "summary.json")):
-        continue
-      with open(os.path.join(d, "metrics.jsonl")) as fh:
-        records = [json.loads(line) for line in fh if line.strip()]
+    for d in finished(runs, prefix):
+      rounds = records(d)
       for g in shared:
-        curves[g].append([r[f"train/{g}/global_loss"] for r in records
+        curves[g].append([r[f"train/{g}/global_loss"] for r in rounds
                           if f"train/{g}/global_loss" in r])
-    if all(curves.values()):
-      out[n] = {g: np.asarray(c, np.float64) for g, c in curves.items()}
+    if all(curves.values()):   # seeds with fewer rounds cut every seed to the shortest
+      length = min(len(c) for per_group in curves.values() for c in per_group)
+      out[n] = {g: np.asarray([c[:length] for c in per_group], np.float64)
+                for g, per_group in curves.items()}
   return out
 
 

@@ -32,10 +32,11 @@ def test_batches(test: FederatedData, batch_size: int = 64, *, bucket: bool = Fa
 
   Every client is padded to the same [steps, batch]; with small test splits a batch larger than
   the largest client would be mostly padding, computed for nothing, so the batch is capped.
-  With `bucket`, the batch and the number of steps are rounded up to powers of two, so
-  federations whose client sizes differ a little (another seed of a Dirichlet partition) get the
-  same shapes, and a persistent compilation cache serves them one compiled program (at most 2x
-  padding per axis).
+  With `bucket`, the batch is capped at the largest client's size rounded up to a power of two
+  (not at the size itself) and the number of steps is rounded up to a power of two, so
+  federations whose client sizes differ a little (another seed of a Dirichlet partition) more
+  often get the same shapes and a persistent compilation cache serves them one compiled program
+  (at most 2x padding per axis).
   """
   largest = int(np.max(test.sizes, initial=1))
   batch_size = max(1, min(batch_size, _pow2(largest) if bucket else largest))

@@ -72,19 +72,3 @@ def test_pad_cohort_adds_empty_clients():
   assert p.client_ids[3] == cohort.PADDING_ID
   assert cohort.pad_cohort(c, 3) is c
 
-
-def test_bucketed_test_batches_share_shapes_and_keep_every_example_once():
-  from fedjax_fm import evaluate  # pylint: disable=import-outside-toplevel
-  shapes = set()
-  for sizes in ([5, 9, 3], [6, 11, 2], [7, 13, 4]):   # another seed's partition
-    offsets = np.concatenate([[0], np.cumsum(sizes)])
-    fed = cohort.FederatedData({"x": np.arange(offsets[-1], dtype=np.float32)}, offsets)
-    plain = evaluate.test_batches(fed, 4)
-    batches = evaluate.test_batches(fed, 4, bucket=True)
-    shapes.add(batches.mask.shape)
-    # Padding is masked: each client still sees each of its examples exactly once.
-    for c, n in enumerate(sizes):
-      seen = np.sort(batches.data["x"][c][batches.mask[c] > 0])
-      np.testing.assert_array_equal(seen, np.arange(offsets[c], offsets[c] + n))
-      assert plain.mask[c].sum() == n
-  assert shapes == {(3, 4, 4)}   # steps 3 or 4 (ceil(13 / 4)) -> 4; batch 4 unchanged

@@ -18,9 +18,8 @@ from flax import nnx
 from fedjax_fm import roles as roles_lib
 from fedjax_fm.algorithm import ClientExecution
 from fedjax_fm.algorithms import tap as tap_lib
-from fedjax_fm.algorithms import tap_suite as tap_suite_lib
-from fedjax_fm.cohort import PADDING_ID, FederatedData, make_cohort
-from fedjax_fm.models import functional
+from fedjax_fm.algorithms import tap_launch
+from fedjax_fm.cohort import FederatedData, make_cohort
 from fedjax_fm.models import tap as model_lib
 from fedjax_fm.models.transformer import TransformerConfig
 from fedjax_fm.runner import default_compiler_options
@@ -237,7 +236,7 @@ def test_load_pretrained_from_a_tiny_checkpoint(model_parts, tmp_path):
 
 def test_suite_helpers():
   fed = FederatedData.from_clients([{"y": np.zeros(4)}, {"y": np.zeros(1)}, {"y": np.zeros(8)}])
-  flagged = tap_suite_lib._flag_validation(fed, 0.25, seed=0)
+  flagged = tap_launch._flag_validation(fed, 0.25, seed=0)
   flags = flagged.arrays[tap_lib.VALIDATION_KEY]
   # round(0.25 * n) held out, at least one with two or more examples, never all of them.
   assert [int(flags[lo:hi].sum()) for lo, hi in zip(fed.offsets[:-1], fed.offsets[1:])] == \
@@ -245,7 +244,8 @@ def test_suite_helpers():
   from fedjax_fm import assets
   from fedjax_fm.data import text as text_lib
   import os
-  table = tap_suite_lib._char_to_wordpiece(os.path.join(assets.path("all-minilm-l6-v2"), "vocab.txt"))
+  vocab = os.path.join(assets.path("all-minilm-l6-v2"), "vocab.txt")
+  table = tap_launch._char_to_wordpiece(vocab)
   tok = text_lib.minilm_tokenizer(8)
   ids = table[text_lib.char_ids("Ab")]
   # Upper and lower case read as the same uncased wordpiece as the tokenizer gives "a", "b".

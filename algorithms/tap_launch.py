@@ -7,7 +7,7 @@
   replacement rule (`tap.VALIDATION_KEY`).
 - `build_model`: the superset model (`fedjax_fm.models.tap`) over those pairs, its text
   embeddings and first fusion layers from the real checkpoint.
-- `groups_from_model` / `build`: one `tap.TAPGroup` per pair of the model, the stage-1
+- `groups_from_model` / `build_algorithm`: one `tap.TAPGroup` per pair of the model, the stage-1
   algorithm (`tap.tap`) and the stage-2 evaluator (`tap.make_evaluator`) from
   ``config.algorithm.hparams``.
 """
@@ -184,9 +184,9 @@ def build_model(config, train_data: PairedData):
   return graphdef, params, model_lib.tap_roles(params), None
 
 
-def build(config, graphdef, params, roles, execution=None):
+def build_algorithm(config, graphdef, params, roles, execution=None):
   """(TAP algorithm, test data -> evaluate function) from `config.algorithm.hparams` (`HPARAMS`);
-  the evaluator runs stage 2 (module docstring) on the test data's `PairedData.stage2`."""
+  the evaluator runs stage 2 (the `fedjax_fm.algorithms.tap` module docstring) on the test data's `PairedData.stage2`."""
   hp = dict(config.algorithm.hparams)
   unknown = sorted(set(hp) - set(HPARAMS))
   if unknown:
