@@ -16,9 +16,8 @@ learning rates (3e-4 peak after 20 warm-up rounds) barely move a model in 12 rou
 so the peak is 2e-3 after 3 rounds. A 6-pair run is 5-7 minutes on a 2-core CPU: about a minute
 compiling, about 6 s per round, 1-2 minutes for stage 2 over all 25 clients (set
 JAX_COMPILATION_CACHE_DIR to reuse compiled programs across runs). Margins and distillation
-weights follow the reference
-(FLAVA): delta 0.005 for text classification and image generation (here denoising), 0.01
-otherwise; lambda 2e-3, x500 for text classification.
+weights follow the reference (FLAVA): delta 0.005 for text classification and image generation
+(here denoising), 0.01 otherwise; lambda 2e-3, x500 for text classification.
 
   python launch.py --config configs/tap_suite.py --workdir /tmp/runs/tap_s0 --config.seed=0
   python launch.py --config configs/tap_suite.py:tiny --workdir /tmp/runs/tap_tiny
