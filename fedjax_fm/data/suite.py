@@ -38,6 +38,7 @@ deterministic function of the seed.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Callable, Hashable, Mapping, Sequence
 
 import numpy as np
@@ -447,8 +448,7 @@ def build_suite(groups: Sequence[Mapping[str, object]], *, seed: int = 0,
       raise ValueError(f"unknown group builder {builder_name!r}; available: "
                        f"{sorted(GROUP_BUILDERS)}")
     builder = GROUP_BUILDERS[builder_name]
-    if tokenizer is not None and builder in (shakespeare_classification_group, digits_vqa_group,
-                                             digits_matching_group):
+    if tokenizer is not None and "tokenizer" in inspect.signature(builder).parameters:
       entry.setdefault("tokenizer", tokenizer)
     entry.setdefault("name", builder_name)
     try:
