@@ -24,16 +24,17 @@ all groups inside one jitted round, a Python loop at trace time):
    the clients whose view holds it (`presence_masked_mean`, weights = client example counts, as
    the reference's n_i); a leaf nobody uploaded keeps its value. No server optimizer.
 
-Stage 2, after FL (`post_fl`): every client fine-tunes the server model restricted to it without
-distillation for `post_steps` steps (the reference's "regAndLocal", FedAvg + local fine-tuning),
-then fine-tunes its personal model for `post_steps` steps with ``task loss + lambda_t * KD``
-against that fine-tuned teacher: `distill.kl_per_example` (temperature T, T^2 factor) for logits
-(class, token and per-pixel class logits; sigmoid KL for answer scores) and the mean squared
-error for dense regression outputs. The reference applies a softmax over the image width to pixel
-outputs (ALGORITHMS.md 1.6, item 6); a matching loss (MSE) is the intent for regression.
-`make_evaluator` runs stage 2 and reports four models per client: ``global`` (FedAvg: the
-server model restricted to the client), ``global_ft`` (FedAvg + fine-tuning), ``personal_fl``
-(the personal model after stage 1) and ``personalized`` (TAP: after stage 2).
+Stage 2, after FL (`fedjax_fm.algorithms.tap_post_fl.post_fl`): every client fine-tunes the
+server model restricted to it without distillation for `post_steps` steps (the reference's
+"regAndLocal", FedAvg + local fine-tuning), then fine-tunes its personal model for `post_steps`
+steps with ``task loss + lambda_t * KD`` against that fine-tuned teacher:
+`distill.kl_per_example` (temperature T, T^2 factor) for logits (class, token and per-pixel class
+logits; sigmoid KL for answer scores) and the mean squared error for dense regression outputs.
+The reference applies a softmax over the image width to pixel outputs (ALGORITHMS.md 1.6, item
+6); a matching loss (MSE) is the intent for regression. `tap_post_fl.make_evaluator` runs stage
+2 and reports four models per client: ``global`` (FedAvg: the server model restricted to the
+client), ``global_ft`` (FedAvg + fine-tuning), ``personal_fl`` (the personal model after stage
+1) and ``personalized`` (TAP: after stage 2).
 
 Deviations from the reference code, on purpose (ALGORITHMS.md 1.6):
 
@@ -63,10 +64,8 @@ import optax
 from flax import struct
 
 from fedjax_fm import aggregate, clients as clients_lib, distill as distill_lib, local
-from fedjax_fm import evaluate as evaluate_lib
 from fedjax_fm import roles as roles_lib
 from fedjax_fm.algorithm import Algorithm, ClientExecution, ServerState, default_execution
-from fedjax_fm.cohort import FederatedData, make_cohort
 from fedjax_fm.models import heads as heads_lib
 from fedjax_fm.models import tap as model_lib
 
@@ -281,13 +280,10 @@ class TAPClients:
   loss: jax.Array
 
 
-def _tree_bytes(tree: PyTree) -> int:
-  return roles_lib.tree_bytes(tree)
-
-
 @dataclasses.dataclass(frozen=True)
-class _Parts:
-  """What stage 1 and stage 2 share: views, losses and the local trainer."""
+class GroupParts:
+  """What stage 1 and stage 2 (`fedjax_fm.algorithms.tap_post_fl`) share: per group, its
+  trainable view and the rest, its losses, objectives, metric sums and outputs."""
   groups: tuple[TAPGroup, ...]
   roles: PyTree
   execution: ClientExecution
@@ -398,7 +394,7 @@ def tap(groups: Sequence[TAPGroup], roles: PyTree, *, peak_lr: float = 3e-4,
   groups = tuple(groups)
   _check(groups, replacement, peak_lr, min_lr)
   execution = execution or default_execution()
-  parts = _Parts(groups, roles, execution)
+  parts = GroupParts(groups, roles, execution)
 
   def init(params: PyTree, rng: jax.Array) -> ServerState:
     del rng
@@ -417,7 +413,7 @@ def tap(groups: Sequence[TAPGroup], roles: PyTree, *, peak_lr: float = 3e-4,
         for g, n in enumerate(rows))
 
   def bytes_per_client(params: PyTree) -> tuple[int, int]:
-    n = int(np.mean([_tree_bytes(restrict(params, parts.trainable_view(g)))
+    n = int(np.mean([roles_lib.tree_bytes(restrict(params, parts.trainable_view(g)))
                      for g in range(len(groups))]))
     return n, n
 
@@ -497,129 +493,3 @@ def tap(groups: Sequence[TAPGroup], roles: PyTree, *, peak_lr: float = 3e-4,
 
   return Algorithm(init=init, init_clients=init_clients, round=round_fn,
                    bytes_per_client=bytes_per_client)
-
-
-# ----------------------------------------------------------------------------------------------
-# Stage 2 and evaluation
-# ----------------------------------------------------------------------------------------------
-
-
-def post_fl(groups: Sequence[TAPGroup], roles: PyTree, *, post_steps_lr: float = 1e-4,
-            temperature: float = 1.0, weight_decay: float = 0.01, clip_norm: float = 1.0,
-            execution: ClientExecution | None = None):
-  """TAP's stage 2 (ALGORITHMS.md 1.3): per client, fine-tune the server model restricted to
-  it (no distillation; the teacher, and the FedAvg + fine-tuning baseline), then fine-tune the
-  personal model with ``task + lambda_t * distill`` against that teacher.
-
-  Returns:
-    ``stage2(server_params, g, personal [K, ...], data, mask, rng) -> (teacher, student)``,
-    both [K, ...] trees of group g's trainable leaves; `data` / `mask` are [K, steps, B, ...]
-    (the number of steps is the number of post-FL iterations).
-  """
-  groups = tuple(groups)
-  if not temperature > 0:
-    raise ValueError(f"distillation temperature must be > 0, got {temperature}")
-  execution = execution or ClientExecution(strategy="vmap")
-  parts = _Parts(groups, roles, execution)
-  optimizer = local_optimizer(post_steps_lr, weight_decay, clip_norm)
-
-  def stage2(server_params, g, personal, data, mask, rng):
-    start = restrict(server_params, parts.trainable_view(g))
-    rest = restrict(server_params, parts.rest_mask(g))
-    plain = parts.objective(g, rest)
-    with_kd = parts.objective(g, rest, temperature)
-    keys = jax.random.split(rng, mask.shape[0])
-
-    def one_client(personal_k, data_k, mask_k, key):
-      key_t, key_s = jax.random.split(key)
-      teacher, _ = local.train_steps(plain, optimizer, start, data_k, mask_k, key_t,
-                                     execution.scan_unroll)
-      if groups[g].distill_weight:
-        data_k = {**data_k, TEACHER_KEY: parts.outputs(g, teacher, rest, data_k)}
-        objective = with_kd
-      else:
-        objective = plain
-      student, _ = local.train_steps(objective, optimizer, personal_k, data_k, mask_k, key_s,
-                                     execution.scan_unroll)
-      return teacher, student
-
-    return execution.map(one_client)(personal, data, mask, keys)
-
-  return parts, stage2
-
-
-EVAL_MODES = ("global", "global_ft", "personal_fl", "personalized")
-
-
-def make_evaluator(groups: Sequence[TAPGroup], roles: PyTree,
-                   train: Sequence[FederatedData], test: Sequence[FederatedData], *,
-                   post_steps: int = 50, batch_size: int = 32, eval_batch_size: int = 64,
-                   post_lr: float = 1e-4, temperature: float = 1.0, seed: int = 0,
-                   execution: ClientExecution | None = None,
-                   compiler_options: Mapping[str, str] | None = None):
-  """``evaluate(server_params, clients_tuple) -> metrics``: stage 2 for every client of every
-  group, then the test metrics of four models per client (`EVAL_MODES`): ``global`` (FedAvg),
-  ``global_ft`` (FedAvg + local fine-tuning), ``personal_fl`` (the personal model after stage 1;
-  with ``replacement="none"`` this is Local training) and ``personalized`` (TAP).
-
-  Metrics: ``<mode>/<group>/<metric>`` (example means over the group's test examples), and
-  ``<mode>/<metric>`` the unweighted mean over the groups reporting that metric (groups differ
-  in task, so an example-weighted pool would let the biggest task dominate), and
-  ``<mode>/<group>/per_client_<metric>`` [N_g] per-client means (the summary's per-client
-  spread; a client without test examples reads 0).
-
-  Stage 2 trains on every example of the client's training data (held-out validation examples
-  included) for `post_steps` batches of `batch_size`, drawn with a fixed seed. The program is
-  compiled once (first call), with `compiler_options` (XLA options) if given.
-  """
-  groups = tuple(groups)
-  if not (len(train) == len(test) == len(groups)):
-    raise ValueError(f"give one train and one test federation per group ({len(groups)}); got "
-                     f"{len(train)} and {len(test)}")
-  if post_steps < 1:
-    raise ValueError(f"post_steps must be >= 1, got {post_steps}")
-  parts, stage2 = post_fl(groups, roles, post_steps_lr=post_lr, temperature=temperature,
-                          execution=execution)
-  strip = lambda c: {k: v for k, v in c.data.items() if k != VALIDATION_KEY}
-  # The data and the key are arguments, not closed-over constants: XLA would fold them into the
-  # program, and a seed baked into it would defeat the persistent compilation cache. Test
-  # batches are bucketed to powers of two for the same reason: client sizes vary by seed.
-  post_data, test_data = [], []
-  for tr, te in zip(train, test):
-    post = make_cohort(tr, np.arange(tr.num_clients), steps=post_steps, batch_size=batch_size,
-                       seed=seed, round_num=1 << 20)
-    batches = evaluate_lib.test_batches(te, eval_batch_size, bucket=True)
-    post_data.append((strip(post), post.mask))
-    test_data.append((strip(batches), batches.mask))
-  post_data, test_data = tuple(post_data), tuple(test_data)
-  key = jax.random.key(seed)
-
-  def run(server_params, client_states, post_data, test_data, key):
-    out = {}
-    for g, group in enumerate(groups):
-      n = train[g].num_clients
-      personal = jax.tree_util.tree_map(lambda x: x[:n], client_states[g].params)
-      start = clients_lib.broadcast(restrict(server_params, parts.trainable_view(g)), n)
-      teacher, student = stage2(server_params, g, personal, *post_data[g],
-                                jax.random.fold_in(key, g))
-      rest = restrict(server_params, parts.rest_mask(g))
-      data, mask = test_data[g]
-      for mode, models in zip(EVAL_MODES, (start, teacher, personal, student)):
-        sums = jax.vmap(lambda m, d, mk: parts.evaluate_sums(g, m, rest, d, mk))(
-            models, data, mask)
-        out.update(evaluate_lib.metrics_from_sums(sums, f"{mode}/{group.name}"))
-    for mode in EVAL_MODES:
-      means = {}
-      for key, value in out.items():   # "<mode>/<group>/<metric>" -> the metric's group means
-        path = key.split("/")
-        if len(path) == 3 and path[0] == mode and not path[2].startswith("per_client_"):
-          means.setdefault(path[2], []).append(value)
-      out.update({f"{mode}/{name}": sum(vals) / len(vals) for name, vals in means.items()})
-    return out
-
-  run = jax.jit(run, compiler_options=dict(compiler_options) if compiler_options else None)
-
-  def evaluate(server_params, client_states):
-    return run(server_params, client_states, post_data, test_data, key)
-
-  return evaluate

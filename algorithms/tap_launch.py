@@ -8,7 +8,7 @@
 - `build_model`: the superset model (`fedjax_fm.models.tap`) over those pairs, its text
   embeddings and first fusion layers from the real checkpoint.
 - `groups_from_model` / `build_algorithm`: one `tap.TAPGroup` per pair of the model, the stage-1
-  algorithm (`tap.tap`) and the stage-2 evaluator (`tap.make_evaluator`) from
+  algorithm (`tap.tap`) and the stage-2 evaluator (`tap_post_fl.make_evaluator`) from
   ``config.algorithm.hparams``.
 """
 
@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from fedjax_fm.algorithms import tap as tap_lib
+from fedjax_fm.algorithms import tap_post_fl
 from fedjax_fm.algorithms.tap import OutputFn, PyTree, TAPGroup, VALIDATION_KEY
 from fedjax_fm.cohort import FederatedData, GroupedData
 from fedjax_fm.data import text as text_lib
@@ -186,7 +187,8 @@ def build_model(config, train_data: PairedData):
 
 def build_algorithm(config, graphdef, params, roles, execution=None):
   """(TAP algorithm, test data -> evaluate function) from `config.algorithm.hparams` (`HPARAMS`);
-  the evaluator runs stage 2 (the `fedjax_fm.algorithms.tap` module docstring) on the test data's `PairedData.stage2`."""
+  the evaluator runs stage 2 (`fedjax_fm.algorithms.tap_post_fl`) on the test data's
+  `PairedData.stage2`."""
   hp = dict(config.algorithm.hparams)
   unknown = sorted(set(hp) - set(HPARAMS))
   if unknown:
@@ -207,10 +209,11 @@ def build_algorithm(config, graphdef, params, roles, execution=None):
     order = [g.name for g in groups]
     if list(test_data.names) != order:
       raise ValueError(f"test groups {test_data.names} do not match the model's pairs {order}")
-    return tap_lib.make_evaluator(groups, roles, test_data.stage2, test_data.groups,
-                                  post_steps=post.get("post_steps", 50),
-                                  batch_size=post.get("post_batch_size", 32),
-                                  post_lr=post.get("post_lr", 1e-4),
-                                  temperature=post.get("temperature", 1.0), seed=config.seed)
+    return tap_post_fl.make_evaluator(groups, roles, test_data.stage2, test_data.groups,
+                                      post_steps=post.get("post_steps", 50),
+                                      batch_size=post.get("post_batch_size", 32),
+                                      post_lr=post.get("post_lr", 1e-4),
+                                      temperature=post.get("temperature", 1.0),
+                                      seed=config.seed)
 
   return alg, evaluator

@@ -18,7 +18,7 @@ from flax import nnx
 from fedjax_fm import roles as roles_lib
 from fedjax_fm.algorithm import ClientExecution
 from fedjax_fm.algorithms import tap as tap_lib
-from fedjax_fm.algorithms import tap_launch
+from fedjax_fm.algorithms import tap_launch, tap_post_fl
 from fedjax_fm.cohort import FederatedData, make_cohort
 from fedjax_fm.models import tap as model_lib
 from fedjax_fm.models.transformer import TransformerConfig
@@ -436,7 +436,7 @@ def test_stage2_evaluator():
   for weight in (0.0, 1.0):
     groups = make_groups(distill_weight=weight)
     alg = tap_lib.tap(groups, roles, execution=ClientExecution(strategy="vmap"))
-    evaluate = tap_lib.make_evaluator(groups, roles, feds, tests, post_steps=2, batch_size=3,
+    evaluate = tap_post_fl.make_evaluator(groups, roles, feds, tests, post_steps=2, batch_size=3,
                                       post_lr=0.05, compiler_options=FAST)
     out = evaluate(params, alg.init_clients(params, (3, 2, 2)))
     for g in ("img_cls", "txt_next", "img_txt_qa"):
@@ -449,7 +449,7 @@ def test_stage2_evaluator():
       else:
         assert not np.isclose(out[f"personalized/{g}/loss"], out[f"global_ft/{g}/loss"],
                               rtol=1e-6)
-    assert set(tap_lib.EVAL_MODES) <= {k.split("/")[0] for k in out}
+    assert set(tap_post_fl.EVAL_MODES) <= {k.split("/")[0] for k in out}
     per_client = np.asarray(out["personalized/img_cls/per_client_loss"])
     assert per_client.shape == (3,) and np.all(np.isfinite(per_client))
     assert "personalized/accuracy" in out
