@@ -27,11 +27,11 @@ the number of modality-task pairs.
 from __future__ import annotations
 
 import argparse
-import glob
-import json
 import os
 
 import numpy as np
+
+from fedjax_fm import results as results_lib
 
 # (row label, variant prefix, evaluation mode)
 METHODS = (("TAP", "tap", "personalized"), ("FedAvg", "tap", "global"),
@@ -49,31 +49,19 @@ SWEEP = ((2, "pairs2"), (4, "pairs4"), (6, "tap"), (8, "pairs8"))
 
 
 def finished(runs: str, prefix: str) -> list[str]:
-  """The workdirs ``<runs>/<prefix>_s<seed>`` whose run finished (wrote summary.json)."""
-  return [d for d in sorted(glob.glob(os.path.join(runs, f"{prefix}_s*")))
-          if os.path.isfile(os.path.join(d, "summary.json"))]
+  """The finished workdirs ``<runs>/<prefix>_s<seed>``."""
+  return results_lib.finished_runs(os.path.join(runs, f"{prefix}_s*"))
 
 
 def finals(runs: str, prefix: str) -> list[dict]:
-  out = []
-  for d in finished(runs, prefix):
-    with open(os.path.join(d, "summary.json")) as fh:
-      out.append(json.load(fh)["final"])
-  return out
-
-
-def records(workdir: str) -> list[dict]:
-  """The per-round records of a run (metrics.jsonl)."""
-  with open(os.path.join(workdir, "metrics.jsonl")) as fh:
-    return [json.loads(line) for line in fh if line.strip()]
+  return [results_lib.final_metrics(d) for d in finished(runs, prefix)]
 
 
 def cell(values: list[float], digits: int = 3) -> str:
   if not values:
     return "—"
-  v = np.asarray(values, np.float64)
-  std = v.std(ddof=1) if len(v) > 1 else 0.0
-  return f"{v.mean():.{digits}f} ± {std:.{digits}f} (n={len(v)})"
+  mean, std = results_lib.mean_std(values)
+  return f"{mean:.{digits}f} ± {std:.{digits}f} (n={len(values)})"
 
 
 def method_table(runs: str) -> str:
@@ -112,11 +100,10 @@ def replacement_table(runs: str) -> str:
   lines = ["| run | " + " | ".join(GROUPS) + " | all |", "|" + "---|" * (len(GROUPS) + 2)]
   for _, prefix in SWEEP:
     for d in finished(runs, prefix):
-      rounds = records(d)
 
-      def mean(key, rounds=rounds):
-        vals = [r[key] for r in rounds if key in r]
-        return f"{np.mean(vals):.2f}" if vals else ""
+      def mean(key, d=d):
+        values = results_lib.curves(d, key)[1]
+        return f"{values.mean():.2f}" if values.size else ""
 
       lines.append(f"| {os.path.basename(d)} | " + " | ".join(
           mean(f"train/{g}/replaced") for g in GROUPS) + f" | {mean('train/replaced')} |")
@@ -133,8 +120,7 @@ def plot(data, path: str):
     xs = [n for n in data if data[n][g]]
     if not xs:
       continue
-    mean = [np.mean(data[n][g]) for n in xs]
-    std = [np.std(data[n][g], ddof=1) if len(data[n][g]) > 1 else 0.0 for n in xs]
+    mean, std = zip(*(results_lib.mean_std(data[n][g]) for n in xs))
     ax.errorbar(xs, mean, yerr=std, marker="o", capsize=3, label=g)
   axes[0].set(xlabel="modality-task pairs in the federation", ylabel="server model accuracy")
   axes[1].set(xlabel="modality-task pairs in the federation", ylabel="server model MSE")
@@ -157,10 +143,8 @@ def convergence(runs: str) -> dict[int, dict[str, np.ndarray]]:
   for n, prefix in SWEEP:
     curves = {g: [] for g in shared}
     for d in finished(runs, prefix):
-      rounds = records(d)
       for g in shared:
-        curves[g].append([r[f"train/{g}/global_loss"] for r in rounds
-                          if f"train/{g}/global_loss" in r])
+        curves[g].append(results_lib.curves(d, f"train/{g}/global_loss")[1])
     if all(curves.values()):   # seeds with fewer rounds cut every seed to the shortest
       length = min(len(c) for per_group in curves.values() for c in per_group)
       out[n] = {g: np.asarray([c[:length] for c in per_group], np.float64)

@@ -23,12 +23,17 @@ import numpy as np
 DEFAULT_METRICS = ("personalized/accuracy", "global/accuracy")
 
 
+def finished_runs(pattern: str) -> list[str]:
+  """The workdirs matching `pattern` whose run finished (wrote summary.json), sorted."""
+  return sorted(d for d in glob.glob(pattern) if os.path.isfile(os.path.join(d, "summary.json")))
+
+
 def parse_method(spec: str) -> tuple[str, list[str]]:
   """'label=glob' -> (label, sorted finished run dirs)."""
   if "=" not in spec:
     raise ValueError(f"{spec!r} is not label=glob; write e.g. \"FedAvg=runs/fedavg_s*\"")
   label, pattern = spec.split("=", 1)
-  runs = sorted(d for d in glob.glob(pattern) if os.path.isfile(os.path.join(d, "summary.json")))
+  runs = finished_runs(pattern)
   if not runs:
     raise ValueError(f"no finished run (a folder with summary.json) matches {pattern!r} for "
                      f"{label!r}; check the path or let the runs finish")
