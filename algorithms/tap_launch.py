@@ -21,10 +21,12 @@ from typing import Mapping, Sequence
 import numpy as np
 from flax import nnx
 
+from fedjax_fm import assets
 from fedjax_fm.algorithms import tap as tap_lib
 from fedjax_fm.algorithms import tap_post_fl
 from fedjax_fm.algorithms.tap import OutputFn, PyTree, TAPGroup, VALIDATION_KEY
 from fedjax_fm.cohort import FederatedData, GroupedData
+from fedjax_fm.data import suite as suite_lib
 from fedjax_fm.data import text as text_lib
 from fedjax_fm.models import tap as model_lib
 
@@ -141,8 +143,6 @@ def suite_data(config) -> tuple[PairedData, PairedData]:
   (next-character windows mapped to the checkpoint's character wordpieces); a
   `config.data.validation_fraction` of each client's training examples is flagged as held out.
   """
-  from fedjax_fm import assets  # pylint: disable=import-outside-toplevel
-  from fedjax_fm.data import suite as suite_lib  # pylint: disable=import-outside-toplevel
   d = config.data
   if not 0.0 <= d.validation_fraction < 1.0:
     raise ValueError(f"config.data.validation_fraction must be in [0, 1), got "
@@ -172,7 +172,6 @@ def suite_data(config) -> tuple[PairedData, PairedData]:
 def build_model(config, train_data: PairedData):
   """(graphdef, params, roles, input keys) of the TAP superset model over `train_data`'s pairs,
   its text embeddings and first `config.model.fusion_layers` layers from all-MiniLM-L6-v2."""
-  from fedjax_fm import assets  # pylint: disable=import-outside-toplevel
   if not isinstance(train_data, PairedData):
     raise ValueError("model 'tap' needs the data set 'tap_suite' (groups with modality-task "
                      "pairs); set config.data.name='tap_suite'")
