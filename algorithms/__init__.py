@@ -1,55 +1,57 @@
-"""Federated algorithms (installed as `fedjax_fm.algorithms`): one file, one factory each.
+"""Federated algorithms (installed as `fedjax_fm.algorithms`): one file, one factory each, and
+`BUILDERS`, the one table from a config's ``algorithm.name`` to its builder.
 
-`build(name, ...)` is the one place a config's algorithm name becomes a factory call for the
-algorithms over one model and a loss (the registry). The seed papers' algorithms with their own
-model structure are wired by `launch.py`: FedDAT directly (`launch._feddat`), FedPFT, FedBone
-and TAP through their `*_launch` modules (`build_algorithm`); FedPFT's alignment lives in
-`fedpft_alignment.py`.
+A builder has one signature (`fedjax_fm.builders`)::
+
+    build(config, model: ModelBundle, data: Federation, execution) -> Built(algorithm, evaluate)
+
+The baselines and FFGG train one model on its task loss, so `loss_builder(factory)` builds them
+from the factory's signature: every keyword hyperparameter is read from
+``config.algorithm.hparams``, none defaulted. The seed papers' algorithms with their own model
+structure have a builder module each: `feddat_launch`, `fedpft_launch` (FedPFT's alignment in
+`fedpft_alignment`), `fedbone_launch` and `tap_launch` (TAP's stage 2 in `tap_post_fl`).
+
+To add an algorithm: write its factory in a new file (``algorithms/myalg.py``), add one line
+here (``"myalg": loss_builder(myalg)``, or a builder of your own), and give its config file
+every hyperparameter (`configs/_algorithms.py` holds the baselines' defaults).
 """
 
-import inspect
-
+from fedjax_fm.algorithms import fedbone_launch, feddat_launch, fedpft_launch, tap_launch
 from fedjax_fm.algorithms.fedavg import fedavg
 from fedjax_fm.algorithms.fedopt import fedadam, fedavgm, fedopt, fedyogi
 from fedjax_fm.algorithms.fedper import fedper
 from fedjax_fm.algorithms.fedprox import fedprox
 from fedjax_fm.algorithms.ffgg import ffgg
-from fedjax_fm.algorithms.local_training import local_training
+from fedjax_fm.algorithms.local_only import local_only
+from fedjax_fm.builders import AlgorithmBuilder, loss_builder
 
-__all__ = ["REGISTRY", "build", "fedavg", "fedadam", "fedavgm", "fedopt", "fedyogi", "fedper",
-           "fedprox", "ffgg", "local_training"]
+__all__ = ["BUILDERS", "builder", "fedavg", "fedadam", "fedavgm", "fedopt", "fedyogi", "fedper",
+           "fedprox", "ffgg", "local_only", "loss_builder"]
 
-REGISTRY = {
-    "fedavg": fedavg,
-    "fedprox": fedprox,
-    "fedopt": fedopt,
-    "fedadam": fedadam,
-    "fedyogi": fedyogi,
-    "fedavgm": fedavgm,
-    "fedper": fedper,
-    "local": local_training,
-    "ffgg": ffgg,
+BUILDERS: dict[str, AlgorithmBuilder] = {
+    "fedavg": loss_builder(fedavg),
+    "fedprox": loss_builder(fedprox),
+    "fedopt": loss_builder(fedopt),
+    "fedadam": loss_builder(fedadam),
+    "fedyogi": loss_builder(fedyogi),
+    "fedavgm": loss_builder(fedavgm),
+    "fedper": loss_builder(fedper),
+    "local": loss_builder(local_only),
+    "ffgg": loss_builder(ffgg),
+    "feddat": feddat_launch.build,
+    "fedpft": fedpft_launch.build,
+    **{name: fedbone_launch.builder(variant)
+       for name, variant in fedbone_launch.ALGORITHMS.items()},
+    "tap": tap_launch.build,
 }
-_WIRED = ("loss_fn", "roles", "params", "execution")
 
 
-def build(name: str, loss_fn, roles, params, execution=None, **hparams):
-  """Builds an algorithm by its config name with its hyperparameters.
+def builder(name: str) -> AlgorithmBuilder:
+  """The builder of ``config.algorithm.name``.
 
   Raises:
-    ValueError: for an unknown name or a hyperparameter the algorithm does not take, naming
-      the ones it does take.
+    ValueError: an unknown name, listing the known ones.
   """
-  if name not in REGISTRY:
-    raise ValueError(f"unknown algorithm {name!r}; choose one of {sorted(REGISTRY)}")
-  factory = REGISTRY[name]
-  sig = inspect.signature(factory)
-  if any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
-    sig = inspect.signature(fedopt)  # the fedopt shorthands forward to fedopt
-  accepted = [p for p in sig.parameters if p not in _WIRED]
-  unknown = sorted(set(hparams) - set(accepted))
-  if unknown:
-    raise ValueError(f"algorithm {name!r} takes no hyperparameter {unknown}; it takes "
-                     f"{accepted}")
-  wired = {"params": params} if "params" in inspect.signature(factory).parameters else {}
-  return factory(loss_fn, roles, execution=execution, **wired, **hparams)
+  if name not in BUILDERS:
+    raise ValueError(f"unknown algorithm {name!r}; choose one of {sorted(BUILDERS)}")
+  return BUILDERS[name]

@@ -1,7 +1,7 @@
 """FedBone: split learning of a server-side general model with conflicting-gradient projection.
 
 Chen, Zhang, Jiang, Chen, Gao, Huang. "FedBone: Towards Large-Scale Federated Multi-Task
-Learning." arXiv:2306.17465 (2023); JCST 39(5), 2024. No official code exists; ALGORITHMS.md
+Learning." arXiv:2306.17465 (2023); JCST 39(5), 2024. No official code exists; docs/algorithms.md
 section 4 restates the method, and its section 4.2 marks which details are reconstructed.
 
 The model is split between the cloud and the edge. The server holds the large **general
@@ -37,7 +37,7 @@ Variants (`variant`):
 - ``"local"``: the general model is never updated (no server step, no cached gradient); each
   client trains only its own embedder, adaptation module and head through the fixed G.
 
-Choices where the paper is unclear or where we deviate (ALGORITHMS.md 4.2, "points to confirm"):
+Choices where the paper is unclear or where we deviate (docs/algorithms.md 4.2):
 - g_k is the mean of the per-step gradients over the client's real (unmasked) local steps
   (``general_grad="mean"``); ``"last"`` uses the last real step's gradient only.
 - The client models are personal (one per client, never aggregated), as the paper's task-
@@ -69,9 +69,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from fedjax_fm import aggregate, clients as clients_lib, evaluate as evaluate_lib, local
+from fedjax_fm import aggregate, clients as clients_lib, evaluate as evaluate_lib, client_update
 from fedjax_fm import roles as roles_lib
-from fedjax_fm.algorithm import (Algorithm, ClientExecution, ServerState, default_execution,
+from fedjax_fm.protocol import (Algorithm, ClientExecution, ServerState, default_execution,
                                   stacked_personal)
 from fedjax_fm.cohort import FederatedData
 from fedjax_fm.models.fedbone import ClientModel
@@ -138,7 +138,7 @@ def split_step_gradients(group: TaskGroup, general_fn: GeneralFn, personal: PyTr
 
   Returns:
     (gradient of the personal parameters, gradient of G's trained parameters or None,
-    metric sums of `local.masked_loss`).
+    metric sums of `client_update.masked_loss`).
   """
   k_embed, k_general, k_task = (None, None, None) if rng is None else jax.random.split(rng, 3)
   embed = lambda p: group.embed_fn(roles_lib.merge(p, client_frozen), batch, k_embed)
@@ -155,7 +155,8 @@ def split_step_gradients(group: TaskGroup, general_fn: GeneralFn, personal: PyTr
   def head_objective(p, f):
     def per_example(params, b, r):
       return group.task_fn(params, f, token_mask, b, r)
-    return local.masked_loss(per_example, roles_lib.merge(p, client_frozen), batch, mask, k_task)
+    return client_update.masked_loss(per_example, roles_lib.merge(p, client_frozen), batch, mask,
+                                     k_task)
 
   (grad_head, grad_features), sums = jax.grad(head_objective, argnums=(0, 1),
                                               has_aux=True)(personal, features)
@@ -447,7 +448,7 @@ def make_group_evaluator(general_fn: GeneralFn, group: TaskGroup, test: Federate
         tokens, token_mask = group.embed_fn(params, b, None)
         features = general_fn(general, tokens, token_mask, None)
         per_example = lambda pp, bb, r: group.task_fn(pp, features, token_mask, bb, r)
-        return None, local.masked_loss(per_example, params, b, m, None)[1]
+        return None, client_update.masked_loss(per_example, params, b, m, None)[1]
 
       _, sums = jax.lax.scan(step, None, (data, mask))
       return jax.tree_util.tree_map(lambda s: jnp.sum(s, 0), sums)

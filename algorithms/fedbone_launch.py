@@ -1,9 +1,11 @@
-"""FedBone's launch wiring: config -> grouped data, the split model, the algorithm, its evaluator.
+"""FedBone's builders: config -> grouped data, the split model, the algorithm, its evaluator.
 
-launch.py calls `build_data` (the multi-task suite), `build_model` (the general model G and
-one `fedjax_fm.models.fedbone.ClientModel` per task group, as a `SplitModel`) and
-`build_algorithm` (`fedjax_fm.algorithms.fedbone.fedbone` and its per-group evaluator) for a
-config whose algorithm name is in `ALGORITHMS`; `configs/fedbone_multitask.py` is the config.
+The launcher's tables (`fedjax_fm.experiment`) hold `build_data` (``data.name =
+"multitask_suite"``: the multi-task suite), `build_model` (``model.name = "fedbone"``: the general
+model G and one `fedjax_fm.models.fedbone.ClientModel` per task group, as a `SplitModel` in
+`ModelBundle.split`) and `builder(variant)` (``algorithm.name`` in `ALGORITHMS`:
+`fedjax_fm.algorithms.fedbone.fedbone` and its per-group evaluator);
+`configs/fedbone_multitask.py` is the config.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import optax
 from flax import nnx
 
 from fedjax_fm import assets
+from fedjax_fm.builders import Built, Federation, ModelBundle, read_hparams
 from fedjax_fm.algorithms.fedbone import (GeneralFn, TaskGroup, client_task_group,
                                           encoder_general_fn, fedbone, general_roles_for,
                                           make_evaluator)
@@ -25,8 +28,7 @@ from fedjax_fm.models.fedbone import ClientModel, ImageTokens, TextTokens
 
 # Config algorithm name -> variant.
 ALGORITHMS = {"fedbone": "fedbone", "fedbone_average": "average", "fedbone_local": "local"}
-_HPARAMS = {"projection": "flat", "general_lr": 1e-4, "client_lr": 1e-3, "general_grad": "mean",
-            "weighted": False}
+HPARAMS = ("projection", "general_lr", "client_lr", "general_grad", "weighted")
 
 
 class SplitModel(NamedTuple):
@@ -38,13 +40,13 @@ class SplitModel(NamedTuple):
   hidden_size: int
 
 
-def build_data(config):
-  """(train, test) `GroupedData` of the multi-task suite in ``config.data.groups``
+def build_data(config) -> Federation:
+  """Train and test `GroupedData` of the multi-task suite in ``config.data.groups``
   (`fedjax_fm.data.suite.build_suite` entries), text tokenised for MiniLM."""
   built = suite.build_suite([dict(g) for g in config.data.groups], seed=config.seed,
                             tokenizer=text.minilm_tokenizer(config.data.max_length))
-  return (GroupedData(built.names, tuple(g.train for g in built.groups)),
-          GroupedData(built.names, tuple(g.test for g in built.groups)))
+  return Federation(GroupedData(built.names, tuple(g.train for g in built.groups)),
+                    GroupedData(built.names, tuple(g.test for g in built.groups)))
 
 
 def _task_of(name: str, arrays: Mapping[str, np.ndarray]) -> tuple[str, int]:
@@ -62,13 +64,15 @@ def _task_of(name: str, arrays: Mapping[str, np.ndarray]) -> tuple[str, int]:
                    f"{None if y is None else (y.dtype, y.shape)}")
 
 
-def build_model(config, train):
-  """(SplitModel, params, G's roles, group names) for ``config.model``: G is the encoder of
+def build_model(config, data: Federation) -> ModelBundle:
+  """The split model (`ModelBundle.split`), its parameters and G's roles for ``config.model``:
+  G is the encoder of
   the real all-MiniLM-L6-v2 (``general="minilm"``) or of a tiny random transformer
   (``"tiny"``), trained fully or by LoRA (``train``), optionally cut to its first
   ``num_layers`` layers; one client model per group (image patches for ``x`` images, MiniLM's
   own text embeddings, frozen, for ``input_ids``)."""
   m = config.model
+  train = data.train
   lora = m.lora.to_dict() if m.train == "lora" else None
   dropout = {"hidden_dropout": m.dropout, "attention_dropout": m.dropout}
   if m.general == "minilm":
@@ -109,31 +113,32 @@ def build_model(config, train):
     groups.append(group)
     client_params[name] = p
   split = SplitModel(encoder_general_fn(graphdef), tuple(groups), tuple(tokens), hidden)
-  return (split, {"general": general, "clients": client_params},
-          general_roles_for(general, m.train), tuple(train.names))
+  return ModelBundle(params={"general": general, "clients": client_params},
+                     roles=general_roles_for(general, m.train), split=split)
 
 
-def build_algorithm(config, split: SplitModel, params, general_roles, execution):
-  """(algorithm, test GroupedData -> evaluate) for ``config.algorithm`` (a name in
-  `ALGORITHMS`, hyperparameters ``projection``, ``general_lr``, ``client_lr``,
-  ``general_grad``, ``weighted``)."""
-  del params
-  hparams = config.algorithm.hparams.to_dict()
-  unknown = sorted(set(hparams) - set(_HPARAMS))
-  if unknown:
-    raise ValueError(f"algorithm {config.algorithm.name!r} takes no hyperparameter {unknown}; "
-                     f"it takes {sorted(_HPARAMS)}")
-  h = {**_HPARAMS, **hparams}
-  if config.local_steps is None:
-    raise ValueError("FedBone counts split-learning iterations: set config.local_steps (and "
-                     "leave config.local_epochs None)")
-  per_example = [t * split.hidden_size * 4 for t in split.tokens]  # float32 activations
-  alg = fedbone(split.general_fn, split.groups, general_roles=general_roles,
-                variant=ALGORITHMS[config.algorithm.name], projection=h["projection"],
-                general_optimizer=optax.adam(h["general_lr"]),
-                client_optimizer=optax.adam(h["client_lr"]), general_grad=h["general_grad"],
-                weighted=h["weighted"],
-                activation_bytes=[config.local_steps * config.batch_size * b
-                                  for b in per_example],
-                execution=execution)
-  return alg, lambda test: make_evaluator(split.general_fn, split.groups, test.groups)
+def builder(variant: str):
+  """The `fedjax_fm.builders.AlgorithmBuilder` of one FedBone variant (``"fedbone"``,
+  ``"average"`` or ``"local"``; hyperparameters `HPARAMS`)."""
+
+  def build(config, model: ModelBundle, data: Federation, execution) -> Built:
+    h = read_hparams(config, HPARAMS)
+    split: SplitModel = model.split
+    if split is None:
+      raise ValueError(f"algorithm {config.algorithm.name!r} needs FedBone's split model; set "
+                       "config.model.name='fedbone'")
+    if config.local_steps is None:
+      raise ValueError("FedBone counts split-learning iterations: set config.local_steps (and "
+                       "leave config.local_epochs None)")
+    per_example = [t * split.hidden_size * 4 for t in split.tokens]  # float32 activations
+    alg = fedbone(split.general_fn, split.groups, general_roles=model.roles, variant=variant,
+                  projection=h["projection"], general_optimizer=optax.adam(h["general_lr"]),
+                  client_optimizer=optax.adam(h["client_lr"]), general_grad=h["general_grad"],
+                  weighted=h["weighted"],
+                  activation_bytes=[config.local_steps * config.batch_size * b
+                                    for b in per_example],
+                  execution=execution)
+    return Built(alg, make_evaluator(split.general_fn, split.groups, data.test.groups))
+
+  build.hparams = HPARAMS
+  return build

@@ -2,7 +2,7 @@
 
 Chen, Zhang, Krompass, Gu, Tresp. "FedDAT: An Approach for Foundation Model Finetuning in
 Multi-Modal Heterogeneous Federated Learning." AAAI 2024 (arXiv:2308.12305). Restated in
-ALGORITHMS.md section 2 from the paper and its reference code (HaokunChen245/FedDAT, 8ed970a).
+docs/algorithms.md section 2 from the paper and its reference code (HaokunChen245/FedDAT, 8ed970a).
 
 Every layer of the frozen foundation model holds three bottleneck adapters, mixed by weights given
 at call time (`fedjax_fm.models.adapters.mix_adapters`):
@@ -22,7 +22,7 @@ The Dual-Adapter Teacher (DAT) is the fixed mix ``h + w_c * A_c(h) + w_copy * Ā
 ``teacher_weights = (w_c, w_copy) = (0.5, 0.5)`` (the reference code's gating network is commented
 out). The task head is personal and trained in both sub-steps.
 
-Local update, per mini-batch (ALGORITHMS.md 2.2; KL_T(p || q) = T^2 KL(softmax(p/T) ||
+Local update, per mini-batch (docs/algorithms.md 2.2; KL_T(p || q) = T^2 KL(softmax(p/T) ||
 softmax(q/T)), batch-mean, `fedjax_fm.distill`)::
 
     z_teach = stop_grad(f_DAT(x; A_c, Ā_s, head))
@@ -34,14 +34,14 @@ softmax(q/T)), batch-mean, `fedjax_fm.distill`)::
         step on (A_c, head')
 
 The teacher of step (2) is the *pre-update* A_s logits z_s of step (1), as in the reference code
-(ALGORITHMS.md 2.6, item 4): the forward of step (1) serves both as student and as teacher.
+(docs/algorithms.md 2.6, item 4): the forward of step (1) serves both as student and as teacher.
 
 Round: A_s is broadcast; Ā_s <- A_s; each client runs the local update over its batches; the server
 averages the clients' A_s (weighted by data size by default; ``weighted=False`` gives the
 reference code's unweighted mean) and applies `server_optimizer` to the pseudo-gradient
 -mean(delta) (``sgd(1.0)`` = plain averaging). Padded clients (weight 0, no real example) and
 clients whose update is non-finite are dropped from the mean and keep their personal rows, as in
-`fedjax_fm.local_update_round`.
+`fedjax_fm.fedavg_round`.
 
 Deviations from the reference code, each on purpose:
 
@@ -53,7 +53,7 @@ Deviations from the reference code, each on purpose:
   steps only when its sub-step trains it (A_s once per batch, A_c once, the head twice), which is
   what PyTorch's per-parameter AdamW state does for parameters without a gradient. The reference's
   schedule, recreated every round with max_steps from 15 epochs and ticked twice per batch, is a
-  code artefact (ALGORITHMS.md 2.3, 2.6) and not reproduced; pass an optax schedule if wanted
+  code artefact (docs/algorithms.md 2.3, 2.6) and not reproduced; pass an optax schedule if wanted
   (it advances with each group's own step count, so the head's twice per batch).
 - ``weighted=False`` gives every client with a positive weight the same weight; padded clients
   (weight 0) still count zero.
@@ -76,11 +76,11 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from fedjax_fm import aggregate, clients, distill as distill_lib, local, roles as roles_lib
-from fedjax_fm.algorithm import (Algorithm, ClientExecution, LossFn, ServerState,
+from fedjax_fm import aggregate, clients, distill as distill_lib, client_update, roles as roles_lib
+from fedjax_fm.protocol import (Algorithm, ClientExecution, LossFn, ServerState,
                                   default_execution, shared_bytes, stacked_personal)
 from fedjax_fm.cohort import Cohort
-from fedjax_fm.local_update_round import make_client_optimizer
+from fedjax_fm.fedavg_round import make_client_optimizer
 from fedjax_fm.models import heads as heads_lib
 from fedjax_fm.roles import FROZEN, PERSONAL, SHARED
 
@@ -312,7 +312,7 @@ def feddat(logits_fn: LogitsFn, roles: PyTree, params: PyTree, *,
         kd = distill_fn(logits, b[TEACHER_LOGITS_KEY], temperature)
         return 0.5 * (task + kd), {"task_loss": task, "distill": kd, **metrics}
 
-      loss, sums = local.masked_loss(per_example, full, batch, mask, key)
+      loss, sums = client_update.masked_loss(per_example, full, batch, mask, key)
       return loss, (sums, logits)
 
     return jax.grad(objective, has_aux=True)

@@ -17,8 +17,8 @@ from typing import Any
 
 import optax
 
-from fedjax_fm.algorithm import Algorithm, ClientExecution, LossFn
-from fedjax_fm.local_update_round import local_update_algorithm
+from fedjax_fm.protocol import Algorithm, ClientExecution, LossFn
+from fedjax_fm.fedavg_round import local_update_algorithm
 
 SERVER_OPTIMIZERS = ("adam", "yogi", "adagrad", "avgm")
 
@@ -47,14 +47,25 @@ def fedopt(loss_fn: LossFn, roles: Any, *, server: str = "adam", server_lr: floa
                                 execution=execution)
 
 
-def fedadam(loss_fn: LossFn, roles: Any, **kwargs) -> Algorithm:
-  return fedopt(loss_fn, roles, server="adam", **kwargs)
+def fedadam(loss_fn: LossFn, roles: Any, *, server_lr: float = 1e-2, client_lr: float = 0.1,
+            b1: float = 0.9, b2: float = 0.99, eps: float = 1e-3, weighted: bool = True,
+            execution: ClientExecution | None = None) -> Algorithm:
+  """FedAdam: `fedopt` with ``server="adam"``."""
+  return fedopt(loss_fn, roles, server="adam", server_lr=server_lr, client_lr=client_lr, b1=b1,
+                b2=b2, eps=eps, weighted=weighted, execution=execution)
 
 
-def fedyogi(loss_fn: LossFn, roles: Any, **kwargs) -> Algorithm:
-  return fedopt(loss_fn, roles, server="yogi", **kwargs)
+def fedyogi(loss_fn: LossFn, roles: Any, *, server_lr: float = 1e-2, client_lr: float = 0.1,
+            b1: float = 0.9, b2: float = 0.99, eps: float = 1e-3, weighted: bool = True,
+            execution: ClientExecution | None = None) -> Algorithm:
+  """FedYogi: `fedopt` with ``server="yogi"``."""
+  return fedopt(loss_fn, roles, server="yogi", server_lr=server_lr, client_lr=client_lr, b1=b1,
+                b2=b2, eps=eps, weighted=weighted, execution=execution)
 
 
 def fedavgm(loss_fn: LossFn, roles: Any, *, server_lr: float = 1.0, momentum: float = 0.9,
-            **kwargs) -> Algorithm:
-  return fedopt(loss_fn, roles, server="avgm", server_lr=server_lr, momentum=momentum, **kwargs)
+            client_lr: float = 0.1, weighted: bool = True,
+            execution: ClientExecution | None = None) -> Algorithm:
+  """FedAvgM: `fedopt` with ``server="avgm"`` (server SGD with momentum)."""
+  return fedopt(loss_fn, roles, server="avgm", server_lr=server_lr, momentum=momentum,
+                client_lr=client_lr, weighted=weighted, execution=execution)

@@ -16,8 +16,8 @@ import jax
 import optax
 
 from fedjax_fm import roles as roles_lib
-from fedjax_fm.algorithm import Algorithm, ClientExecution, LossFn
-from fedjax_fm.local_update_round import local_update_algorithm, make_client_optimizer
+from fedjax_fm.protocol import Algorithm, ClientExecution, LossFn
+from fedjax_fm.fedavg_round import local_update_algorithm, make_client_optimizer
 
 
 def fedper(loss_fn: LossFn, roles: Any, params: Any, *, personal: str = r"^head/",

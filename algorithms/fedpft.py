@@ -1,7 +1,8 @@
 """FedPFT: federated proxy fine-tuning of a foundation model through a compressed sub-FM.
 
 Peng, Fan, Chen, Wang, Pan, Wen, Zhang, Wang. "FedPFT: Federated Proxy Fine-Tuning of Foundation
-Models." IJCAI 2024 (arXiv:2404.11536). Restated in ALGORITHMS.md section 3 from the paper and its
+Models." IJCAI 2024 (arXiv:2404.11536). Restated in docs/algorithms.md section 3 from the paper and
+its
 reference code (pzp-dzd/FedPFT, 35edea0).
 
 The server owns the FM and never ships it. Clients get a **sub-FM** (the proxy): every layer not
@@ -25,7 +26,7 @@ builder uses speeches of plays no client holds):
 
    with P^l = W_in^l W_out^l, the FFN's linear part. The reference code reads the student's
    weights through ``.data`` there, so the product term has no gradient and only changes the
-   logged loss (ALGORITHMS.md 3.8, item 2); the paper means it as a regulariser, so here it
+   logged loss (docs/algorithms.md 3.8, item 2); the paper means it as a regulariser, so here it
    carries a gradient (``product_grad=True``; False reproduces the reference code).
 
 2. Neuron level, every `align_every` rounds, after aggregation: clients report per-neuron
@@ -45,7 +46,8 @@ builder uses speeches of plays no client holds):
 
 Round (one jitted program; the alignment is a `lax.cond` on the round counter, so the round
 compiles once): the shared LoRA + head is broadcast; every sampled client runs `local_steps`
-optimizer steps on the sub-FM (`fedjax_fm.local.train_steps`); non-finite clients are dropped;
+optimizer steps on the sub-FM (`fedjax_fm.client_update.train_steps`); non-finite clients are
+dropped;
 the server takes the weighted mean of the deltas (by data size, the paper's figure; the reference
 code's uniform mean with ``weighted=False``) and applies `server_optimizer`; on alignment rounds
 the sub-FFN is re-aligned as above.
@@ -79,8 +81,8 @@ import numpy as np
 import optax
 from flax import struct
 
-from fedjax_fm import aggregate, local, roles as roles_lib
-from fedjax_fm.algorithm import (Algorithm, ClientExecution, ServerState, default_execution,
+from fedjax_fm import aggregate, client_update, roles as roles_lib
+from fedjax_fm.protocol import (Algorithm, ClientExecution, ServerState, default_execution,
                                   stacked_personal)
 from fedjax_fm.algorithms.fedpft_alignment import (default_align_optimizer, least_active_mask,
                                                    make_distiller, neuron_update_mask)
@@ -301,7 +303,7 @@ def fedpft(forward: Forward, roles: PyTree, params: PyTree, *,
     keys = jax.random.split(local_rng, cohort.num_clients)
 
     def one_client(data_k, mask_k, key_k):
-      trained, sums = local.train_steps(
+      trained, sums = client_update.train_steps(
           lambda t, b, m, k: objective(t, frozen_sub, b, m, k), client_optimizer, shared,
           data_k, mask_k, key_k, execution.scan_unroll)
       delta = jax.tree_util.tree_map(jnp.subtract, trained, shared)

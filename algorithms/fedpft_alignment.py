@@ -1,7 +1,7 @@
 """FedPFT's alignment of the sub-FM to the FM: distillation on the server's public data.
 
 Peng et al. "FedPFT: Federated Proxy Fine-Tuning of Foundation Models." IJCAI 2024
-(arXiv:2404.11536); ALGORITHMS.md sections 3.3-3.5. The loss (`alignment_loss`: per layer a
+(arXiv:2404.11536); docs/algorithms.md sections 3.3-3.5. The loss (`alignment_loss`: per layer a
 normalised hidden-state MSE, plus alpha times the mismatch of the FFN weight products), the
 neuron-level gradient mask (`least_active_mask` picks the neurons to update by activity,
 `neuron_update_mask` turns the choice into multipliers) and the distiller that both alignment
@@ -48,7 +48,7 @@ def alignment_loss(student_hidden: Sequence[jax.Array], teacher_hidden: Sequence
                    token_mask: jax.Array, student_sub: Mapping[int, Mapping],
                    teacher_blocks: Mapping[int, Mapping], *, alpha: float,
                    product_grad: bool = True) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-  """FedPFT's layer-wise distillation loss (ALGORITHMS.md 3.3), mean over all layers.
+  """FedPFT's layer-wise distillation loss (docs/algorithms.md 3.3), mean over all layers.
 
   Returns:
     (loss, (hidden term, product term)): loss = hidden + alpha * product, each a mean over
@@ -63,7 +63,7 @@ def alignment_loss(student_hidden: Sequence[jax.Array], teacher_hidden: Sequence
 
 
 def neuron_update_mask(updated: Mapping[int, jax.Array]) -> dict[int, dict]:
-  """Gradient mask over the sub-FFN for neuron-level alignment (ALGORITHMS.md 3.5, 3.10).
+  """Gradient mask over the sub-FFN for neuron-level alignment (docs/algorithms.md 3.5, 3.10).
 
   Args:
     updated: {layer: [k] 1.0 for a neuron to update, 0.0 for one to keep}.

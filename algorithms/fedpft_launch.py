@@ -1,6 +1,6 @@
-"""FedPFT's launch wiring: config -> the server's public split, the algorithm, its evaluator.
+"""FedPFT's builder: config -> the server's public split, the algorithm, its evaluator.
 
-launch.py calls `build_algorithm` for ``config.algorithm.name == "fedpft"``
+`build` is the launcher's builder of ``config.algorithm.name == "fedpft"``
 (`configs/fedpft_text.py`): FedPFT or one of its baselines (`VARIANTS`) on the Shakespeare
 play-classification clients, distilling on the public data of `shakespeare_public_inputs`.
 """
@@ -12,9 +12,9 @@ from typing import Sequence
 import numpy as np
 import optax
 
-from fedjax_fm import models
 from fedjax_fm.algorithms.fedpft import fedpft
 from fedjax_fm.algorithms.fedpft_alignment import default_align_optimizer
+from fedjax_fm.builders import Built, Federation, ModelBundle, read_hparams
 from fedjax_fm.data import shakespeare, text
 from fedjax_fm.evaluate import make_evaluator
 from fedjax_fm.models.sub_fm import model_forward
@@ -50,22 +50,17 @@ def shakespeare_public_inputs(*, num_plays_held: int, count: int, max_length: in
   return {k: np.asarray(encoded[k]) for k in input_keys}
 
 
-def build_algorithm(config, graphdef, params, role_tree, input_keys, execution):
-  """launch.py's builder: FedPFT or a baseline (``hparams.variant``) on the Shakespeare
-  play-classification clients, with the public split of `shakespeare_public_inputs` (one
-  fixed draw, the same for every seed, as a server's corpus would be).
-
-  Returns:
-    (algorithm, test data -> evaluate function); evaluation is of the full FM with the
-    aggregated LoRA and head (personalized: each client's test split; global: pooled; FedPFT
-    keeps no personal state, so the two are the same model).
+def build(config, model: ModelBundle, data: Federation, execution) -> Built:
+  """`fedjax_fm.builders.AlgorithmBuilder` of FedPFT or a baseline (``hparams.variant``) on the
+  Shakespeare play-classification clients, with the public split of
+  `shakespeare_public_inputs` (one fixed draw, the same for every seed, as a server's corpus
+  would be). Evaluation is of the full FM with the aggregated LoRA and head (personalized: each
+  client's test split; global: pooled; FedPFT keeps no personal state, so the two are the same
+  model). The variants ignore what they do not use: ``full`` the sub-FM's sizes, ``fedot`` and
+  ``full`` every alignment knob.
   """
-  hp = config.algorithm.hparams.to_dict()
-  unknown = sorted(set(hp) - set(HPARAMS))
-  if unknown:
-    raise ValueError(f"algorithm 'fedpft' takes no hyperparameter {unknown}; it takes "
-                     f"{sorted(HPARAMS)}")
-  variant = hp.get("variant", "fedpft")
+  hp = read_hparams(config, HPARAMS)
+  variant = hp["variant"]
   if variant not in VARIANTS:
     raise ValueError(f"unknown fedpft variant {variant!r}; use one of {VARIANTS}")
   if config.data.name != "shakespeare_play":
@@ -76,22 +71,24 @@ def build_algorithm(config, graphdef, params, role_tree, input_keys, execution):
   public = None
   if aligned:
     public = shakespeare_public_inputs(
-        num_plays_held=config.data.num_plays, count=hp.get("public_examples", 256),
+        num_plays_held=config.data.num_plays, count=hp["public_examples"],
         max_length=config.data.max_length, seed=0, unit=config.data.unit,
-        input_keys=input_keys)
-  alg = fedpft(model_forward(graphdef, input_keys), role_tree, params,
-               keep_neurons=None if full else hp.get("keep_neurons", 384),
-               retained_layers=() if full else tuple(hp.get("retained_layers", ())),
+        input_keys=model.input_keys)
+  alg = fedpft(model_forward(model.graphdef, model.input_keys), model.roles, model.params,
+               keep_neurons=None if full else hp["keep_neurons"],
+               retained_layers=() if full else tuple(hp["retained_layers"]),
                public=public,
-               layer_align_steps=hp.get("layer_align_steps", 100) if aligned else 0,
-               align_every=hp.get("align_every", 2) if aligned else 0,
-               align_steps=hp.get("align_steps", 10) if aligned else 0,
-               align_batch_size=hp.get("align_batch_size", 16),
-               align_retained_ratio=hp.get("align_retained_ratio", 0.5),
-               alpha=hp.get("alpha", 0.01), product_grad=hp.get("product_grad", True),
-               active_threshold=hp.get("active_threshold", 1e-2),
-               align_optimizer=default_align_optimizer(hp.get("align_lr", 6e-4)),
-               client_optimizer=optax.adam(hp.get("client_lr", 8e-4)),
-               weighted=hp.get("weighted", True), execution=execution)
-  eval_loss = models.classification_loss(graphdef, input_keys, train=False)
-  return alg, lambda test_data: make_evaluator(eval_loss, test_data)
+               layer_align_steps=hp["layer_align_steps"] if aligned else 0,
+               align_every=hp["align_every"] if aligned else 0,
+               align_steps=hp["align_steps"] if aligned else 0,
+               align_batch_size=hp["align_batch_size"],
+               align_retained_ratio=hp["align_retained_ratio"],
+               alpha=hp["alpha"], product_grad=hp["product_grad"],
+               active_threshold=hp["active_threshold"],
+               align_optimizer=default_align_optimizer(hp["align_lr"]),
+               client_optimizer=optax.adam(hp["client_lr"]),
+               weighted=hp["weighted"], execution=execution)
+  return Built(alg, make_evaluator(model.loss(False), data.test))
+
+
+build.hparams = HPARAMS

@@ -15,8 +15,8 @@ from typing import Any
 
 import optax
 
-from fedjax_fm.algorithm import Algorithm, ClientExecution, LossFn
-from fedjax_fm.local_update_round import local_update_algorithm, make_client_optimizer
+from fedjax_fm.protocol import Algorithm, ClientExecution, LossFn
+from fedjax_fm.fedavg_round import local_update_algorithm, make_client_optimizer
 
 
 def fedprox(loss_fn: LossFn, roles: Any, *, mu: float = 0.01, client_lr: float = 0.1,

@@ -59,8 +59,8 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from fedjax_fm import aggregate, clients, local, roles as roles_lib
-from fedjax_fm.algorithm import (Algorithm, ClientExecution, LossFn, ServerState,
+from fedjax_fm import aggregate, clients, client_update, roles as roles_lib
+from fedjax_fm.protocol import (Algorithm, ClientExecution, LossFn, ServerState,
                                   default_execution, shared_bytes, stacked_personal)
 from fedjax_fm.cohort import Cohort
 from fedjax_fm.roles import FROZEN, PERSONAL, SHARED
@@ -360,7 +360,7 @@ def ffgg_algorithm(
     keys = jax.random.split(local_rng, k)
 
     def masked(x, y, batch, mask, key):
-      return local.masked_loss(loss_fn, roles_lib.merge(x, y, frozen), batch, mask, key)
+      return client_update.masked_loss(loss_fn, roles_lib.merge(x, y, frozen), batch, mask, key)
 
     personal_grad = jax.grad(lambda y, x, b, m, key: masked(x, y, b, m, key)[0])
     global_grad = jax.grad(lambda x, y, b, m, key: masked(x, y, b, m, key), has_aux=True)

@@ -2,7 +2,7 @@
 
 Lee, Fang, Han, Hosseinalipour, Brinton. "Two-Stage Adaptive Personalization of Multi-Task and
 Multi-Modal Foundation Models in Federated Learning", arXiv:2509.26524, 2025. Restated in
-ALGORITHMS.md section 1 from the paper and its reference code (lee3296/TAP, f43e429).
+docs/algorithms.md section 1 from the paper and its reference code (lee3296/TAP, f43e429).
 
 Clients form GROUPS, one per modality-task pair; a group's clients run the static sub-tree of
 the server's superset model that their pair uses (`fedjax_fm.models.tap.view_mask`). Every
@@ -30,13 +30,13 @@ server model restricted to it without distillation for `post_steps` steps (the r
 steps with ``task loss + lambda_t * KD`` against that fine-tuned teacher:
 `distill.kl_per_example` (temperature T, T^2 factor) for logits (class, token and per-pixel class
 logits; sigmoid KL for answer scores) and the mean squared error for dense regression outputs.
-The reference applies a softmax over the image width to pixel outputs (ALGORITHMS.md 1.6, item
+The reference applies a softmax over the image width to pixel outputs (docs/algorithms.md 1.6, item
 6); a matching loss (MSE) is the intent for regression. `tap_post_fl.make_evaluator` runs stage
 2 and reports four models per client: ``global`` (FedAvg: the server model restricted to the
 client), ``global_ft`` (FedAvg + fine-tuning), ``personal_fl`` (the personal model after stage
 1) and ``personalized`` (TAP: after stage 2).
 
-Deviations from the reference code, on purpose (ALGORITHMS.md 1.6):
+Deviations from the reference code, on purpose (docs/algorithms.md 1.6):
 
 - Clients download the whole aggregated server model restricted to them, fusion included (the
   paper's intent; the reference's key mismatch silently drops the fusion weights).
@@ -63,9 +63,9 @@ import numpy as np
 import optax
 from flax import struct
 
-from fedjax_fm import aggregate, clients as clients_lib, distill as distill_lib, local
+from fedjax_fm import aggregate, clients as clients_lib, distill as distill_lib, client_update
 from fedjax_fm import roles as roles_lib
-from fedjax_fm.algorithm import Algorithm, ClientExecution, ServerState, default_execution
+from fedjax_fm.protocol import Algorithm, ClientExecution, ServerState, default_execution
 from fedjax_fm.models import heads as heads_lib
 from fedjax_fm.models import tap as model_lib
 
@@ -96,7 +96,7 @@ def replace_if_better(personal: PyTree, global_path: PyTree, personal_loss: jax.
       M   = OR_t (b_t AND task_paths[t])          (per leaf)
       new = where(M, global_path, personal)
 
-  A hard swap, not an interpolation (ALGORITHMS.md 1.3). Pure and elementwise in the losses, so
+  A hard swap, not an interpolation (docs/algorithms.md 1.3). Pure and elementwise in the losses, so
   it vmaps over clients.
 
   Args:
@@ -145,7 +145,7 @@ def presence_masked_mean(uploads: Sequence[PyTree], weights: Sequence[jax.Array]
 
       new = where(sum_i w_i m_i > 0, sum_i w_i m_i x_i / sum_i w_i m_i, old),
 
-  with m_i = 1 if client i's group holds the leaf (ALGORITHMS.md 0, item 1; 1.5). A leaf no
+  with m_i = 1 if client i's group holds the leaf (docs/algorithms.md 0, item 1; 1.5). A leaf no
   client with positive weight holds keeps its old value (the reference keeps keys no participant
   has). Built on `aggregate.masked_weighted_mean` over the clients of all groups concatenated.
 
@@ -312,7 +312,7 @@ class GroupParts:
     loss = self.loss_fn(g, distill_temperature)
 
     def objective(trainable, batch, mask, rng):
-      return local.masked_loss(loss, roles_lib.merge(trainable, rest), batch, mask, rng)
+      return client_update.masked_loss(loss, roles_lib.merge(trainable, rest), batch, mask, rng)
 
     return objective
 
@@ -323,7 +323,7 @@ class GroupParts:
 
     def step(_, inputs):
       batch, m = inputs
-      return None, local.masked_loss(loss, params, batch, m, None)[1]
+      return None, client_update.masked_loss(loss, params, batch, m, None)[1]
 
     _, sums = jax.lax.scan(step, None, (data, mask))
     return jax.tree_util.tree_map(lambda s: jnp.sum(s, 0), sums)
@@ -372,7 +372,7 @@ def tap(groups: Sequence[TAPGroup], roles: PyTree, *, peak_lr: float = 3e-4,
         min_lr: float = 1e-4, warmup_rounds: int = 20, weight_decay: float = 0.01,
         clip_norm: float = 1.0, replacement: str = "validation",
         execution: ClientExecution | None = None) -> Algorithm:
-  """TAP's stage 1 as a grouped `Algorithm` (ALGORITHMS.md 1.3; module docstring).
+  """TAP's stage 1 as a grouped `Algorithm` (docs/algorithms.md 1.3; module docstring).
 
   Args:
     groups: one `TAPGroup` per modality-task pair, in the order of the grouped data.
@@ -442,7 +442,7 @@ def tap(groups: Sequence[TAPGroup], roles: PyTree, *, peak_lr: float = 3e-4,
         held_out = data.get(VALIDATION_KEY)
         held_out = jnp.zeros_like(mask) if held_out is None else held_out.astype(mask.dtype)
         train_mask, val_mask = mask * (1.0 - held_out), mask * held_out
-        global_k, g_sums = local.train_steps(objective, optimizer, start, data, train_mask,
+        global_k, g_sums = client_update.train_steps(objective, optimizer, start, data, train_mask,
                                              key_g, execution.scan_unroll)
         if replacement == "none":
           replaced = jnp.zeros((1,), bool)
@@ -454,7 +454,7 @@ def tap(groups: Sequence[TAPGroup], roles: PyTree, *, peak_lr: float = 3e-4,
             l_global, l_personal = _mean_loss(g_sums), last_k
           personal_k, replaced = replace_if_better(
               personal_k, global_k, l_personal[None], l_global[None], groups[g].delta, (view,))
-        personal_k, p_sums = local.train_steps(objective, optimizer, personal_k, data,
+        personal_k, p_sums = client_update.train_steps(objective, optimizer, personal_k, data,
                                                train_mask, key_p, execution.scan_unroll)
         return global_k, personal_k, _mean_loss(p_sums), replaced[0], g_sums, p_sums
 

@@ -1,5 +1,6 @@
-"""TAP on the federation suite, from a config: what `launch.py` builds for ``model.name="tap"``,
-``data.name="tap_suite"`` and ``algorithm.name="tap"``.
+"""TAP on the federation suite, from a config: the builders of the launcher's tables
+(`fedjax_fm.experiment`) for ``data.name="tap_suite"``, ``model.name="tap"`` and
+``algorithm.name="tap"``.
 
 - `suite_data`: the suite's groups (`fedjax_fm.data.suite`) as one `PairedData` group per
   modality-task pair, under the superset model's input keys, text tokenised for
@@ -7,7 +8,7 @@
   replacement rule (`tap.VALIDATION_KEY`).
 - `build_model`: the superset model (`fedjax_fm.models.tap`) over those pairs, its text
   embeddings and first fusion layers from the real checkpoint.
-- `groups_from_model` / `build_algorithm`: one `tap.TAPGroup` per pair of the model, the stage-1
+- `groups_from_model` / `build`: one `tap.TAPGroup` per pair of the model, the stage-1
   algorithm (`tap.tap`) and the stage-2 evaluator (`tap_post_fl.make_evaluator`) from
   ``config.algorithm.hparams``.
 """
@@ -25,6 +26,7 @@ from fedjax_fm import assets
 from fedjax_fm.algorithms import tap as tap_lib
 from fedjax_fm.algorithms import tap_post_fl
 from fedjax_fm.algorithms.tap import OutputFn, PyTree, TAPGroup, VALIDATION_KEY
+from fedjax_fm.builders import Built, Federation, ModelBundle, read_hparams
 from fedjax_fm.cohort import FederatedData, GroupedData
 from fedjax_fm.data import suite as suite_lib
 from fedjax_fm.data import text as text_lib
@@ -137,11 +139,12 @@ def _flag_validation(fed: FederatedData, fraction: float, seed: int) -> Federate
   return FederatedData({**fed.arrays, VALIDATION_KEY: flag}, fed.offsets)
 
 
-def suite_data(config) -> tuple[PairedData, PairedData]:
-  """(train, test) of the federation suite `config.data.groups` (`fedjax_fm.data.suite`), one
-  group per modality-task pair, text tokenised for all-MiniLM-L6-v2 at `config.data.max_length`
-  (next-character windows mapped to the checkpoint's character wordpieces); a
-  `config.data.validation_fraction` of each client's training examples is flagged as held out.
+def suite_data(config) -> Federation:
+  """Train and test `PairedData` of the federation suite `config.data.groups`
+  (`fedjax_fm.data.suite`), one group per modality-task pair, text tokenised for
+  all-MiniLM-L6-v2 at `config.data.max_length` (next-character windows mapped to the
+  checkpoint's character wordpieces); a `config.data.validation_fraction` of each client's
+  training examples is flagged as held out.
   """
   d = config.data
   if not 0.0 <= d.validation_fraction < 1.0:
@@ -165,13 +168,14 @@ def suite_data(config) -> tuple[PairedData, PairedData]:
                                   config.seed))
     test.append(_canonical(spec, group.test, table))
   names, tasks = suite.names, tuple(tasks.values())
-  return (PairedData(names, tuple(train), tuple(pairs), tasks),
-          PairedData(names, tuple(test), tuple(pairs), tasks, stage2=tuple(train)))
+  return Federation(PairedData(names, tuple(train), tuple(pairs), tasks),
+                    PairedData(names, tuple(test), tuple(pairs), tasks, stage2=tuple(train)))
 
 
-def build_model(config, train_data: PairedData):
-  """(graphdef, params, roles, input keys) of the TAP superset model over `train_data`'s pairs,
-  its text embeddings and first `config.model.fusion_layers` layers from all-MiniLM-L6-v2."""
+def build_model(config, data: Federation) -> ModelBundle:
+  """The TAP superset model over the training data's pairs, its text embeddings and first
+  `config.model.fusion_layers` layers from all-MiniLM-L6-v2."""
+  train_data = data.train
   if not isinstance(train_data, PairedData):
     raise ValueError("model 'tap' needs the data set 'tap_suite' (groups with modality-task "
                      "pairs); set config.data.name='tap_suite'")
@@ -181,38 +185,34 @@ def build_model(config, train_data: PairedData):
       pairs=train_data.pairs, num_layers=m.fusion_layers, image_size=m.image_size,
       patch_size=m.patch_size, num_channels=m.num_channels, lora=dict(m.lora),
       expert_bottleneck=m.expert_bottleneck, dropout=m.dropout, seed=config.seed)
-  return graphdef, params, model_lib.tap_roles(params), None
+  return ModelBundle(params=params, roles=model_lib.tap_roles(params), graphdef=graphdef)
 
 
-def build_algorithm(config, graphdef, params, roles, execution=None):
-  """(TAP algorithm, test data -> evaluate function) from `config.algorithm.hparams` (`HPARAMS`);
-  the evaluator runs stage 2 (`fedjax_fm.algorithms.tap_post_fl`) on the test data's
-  `PairedData.stage2`."""
-  hp = dict(config.algorithm.hparams)
-  unknown = sorted(set(hp) - set(HPARAMS))
-  if unknown:
-    raise ValueError(f"algorithm 'tap' takes no hyperparameter {unknown}; it takes "
-                     f"{list(HPARAMS)}")
-  hp = {k: (dict(v) if hasattr(v, "items") else v) for k, v in hp.items()}
-  model_config = nnx.merge(graphdef, params).config
-  groups = groups_from_model(graphdef, params, model_config, deltas=hp.pop("deltas", 0.01),
-                             distill_weights=hp.pop("distill_weights", 2e-3))
-  post = {k: hp.pop(k) for k in ("temperature", "post_steps", "post_lr", "post_batch_size")
-          if k in hp}
-  alg = tap_lib.tap(groups, roles, execution=execution, **hp)
+def build(config, model: ModelBundle, data: Federation, execution) -> Built:
+  """`fedjax_fm.builders.AlgorithmBuilder` of TAP: the stage-1 algorithm from
+  ``config.algorithm.hparams`` (`HPARAMS`) and an evaluator that runs stage 2
+  (`fedjax_fm.algorithms.tap_post_fl`) on the test data's `PairedData.stage2`."""
+  hp = read_hparams(config, HPARAMS)
+  groups = groups_from_model(model.graphdef, model.params,
+                             nnx.merge(model.graphdef, model.params).config,
+                             deltas=hp["deltas"], distill_weights=hp["distill_weights"])
+  alg = tap_lib.tap(groups, model.roles, peak_lr=hp["peak_lr"], min_lr=hp["min_lr"],
+                    warmup_rounds=hp["warmup_rounds"], weight_decay=hp["weight_decay"],
+                    clip_norm=hp["clip_norm"], replacement=hp["replacement"],
+                    execution=execution)
+  test_data = data.test
+  if not isinstance(test_data, PairedData) or test_data.stage2 is None:
+    raise ValueError("TAP's evaluator needs the test data of `suite_data` (it carries the "
+                     "training data stage 2 fine-tunes on); set config.data.name='tap_suite'")
+  order = [g.name for g in groups]
+  if list(test_data.names) != order:
+    raise ValueError(f"test groups {test_data.names} do not match the model's pairs {order}")
+  evaluate = tap_post_fl.make_evaluator(groups, model.roles, test_data.stage2, test_data.groups,
+                                        post_steps=hp["post_steps"],
+                                        batch_size=hp["post_batch_size"],
+                                        post_lr=hp["post_lr"], temperature=hp["temperature"],
+                                        seed=config.seed)
+  return Built(alg, evaluate)
 
-  def evaluator(test_data: PairedData):
-    if not isinstance(test_data, PairedData) or test_data.stage2 is None:
-      raise ValueError("TAP's evaluator needs the test data of `suite_data` (it carries the "
-                       "training data stage 2 fine-tunes on)")
-    order = [g.name for g in groups]
-    if list(test_data.names) != order:
-      raise ValueError(f"test groups {test_data.names} do not match the model's pairs {order}")
-    return tap_post_fl.make_evaluator(groups, roles, test_data.stage2, test_data.groups,
-                                      post_steps=post.get("post_steps", 50),
-                                      batch_size=post.get("post_batch_size", 32),
-                                      post_lr=post.get("post_lr", 1e-4),
-                                      temperature=post.get("temperature", 1.0),
-                                      seed=config.seed)
 
-  return alg, evaluator
+build.hparams = HPARAMS

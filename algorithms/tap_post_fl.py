@@ -1,5 +1,5 @@
 """TAP's stage 2 and its evaluation: post-FL distillation for every client, then the test
-metrics of TAP and its baselines (ALGORITHMS.md 1.3; stage 1 is `fedjax_fm.algorithms.tap`).
+metrics of TAP and its baselines (docs/algorithms.md 1.3; stage 1 is `fedjax_fm.algorithms.tap`).
 
 `post_fl` fine-tunes, per client, the server model restricted to it (the teacher, and the
 FedAvg + local fine-tuning baseline), then the personal model with ``task + lambda_t * KD``
@@ -14,8 +14,8 @@ from typing import Mapping, Sequence
 import jax
 import numpy as np
 
-from fedjax_fm import clients as clients_lib, evaluate as evaluate_lib, local
-from fedjax_fm.algorithm import ClientExecution
+from fedjax_fm import clients as clients_lib, evaluate as evaluate_lib, client_update
+from fedjax_fm.protocol import ClientExecution
 from fedjax_fm.algorithms.tap import (TEACHER_KEY, VALIDATION_KEY, GroupParts, PyTree, TAPGroup,
                                       local_optimizer, restrict)
 from fedjax_fm.cohort import FederatedData, make_cohort
@@ -24,7 +24,7 @@ from fedjax_fm.cohort import FederatedData, make_cohort
 def post_fl(groups: Sequence[TAPGroup], roles: PyTree, *, post_steps_lr: float = 1e-4,
             temperature: float = 1.0, weight_decay: float = 0.01, clip_norm: float = 1.0,
             execution: ClientExecution | None = None):
-  """TAP's stage 2 (ALGORITHMS.md 1.3): per client, fine-tune the server model restricted to
+  """TAP's stage 2 (docs/algorithms.md 1.3): per client, fine-tune the server model restricted to
   it (no distillation; the teacher, and the FedAvg + fine-tuning baseline), then fine-tune the
   personal model with ``task + lambda_t * distill`` against that teacher.
 
@@ -49,14 +49,14 @@ def post_fl(groups: Sequence[TAPGroup], roles: PyTree, *, post_steps_lr: float =
 
     def one_client(personal_k, data_k, mask_k, key):
       key_t, key_s = jax.random.split(key)
-      teacher, _ = local.train_steps(plain, optimizer, start, data_k, mask_k, key_t,
+      teacher, _ = client_update.train_steps(plain, optimizer, start, data_k, mask_k, key_t,
                                      execution.scan_unroll)
       if groups[g].distill_weight:
         data_k = {**data_k, TEACHER_KEY: parts.outputs(g, teacher, rest, data_k)}
         objective = with_kd
       else:
         objective = plain
-      student, _ = local.train_steps(objective, optimizer, personal_k, data_k, mask_k, key_s,
+      student, _ = client_update.train_steps(objective, optimizer, personal_k, data_k, mask_k, key_s,
                                      execution.scan_unroll)
       return teacher, student
 

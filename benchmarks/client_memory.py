@@ -1,7 +1,7 @@
 """Memory scale: how many clients' personal adapters fit per GiB of device memory (MiniLM).
 
 The personal state of all N clients of a federation is one stacked pytree `[N, ...]` on device,
-sharded over the mesh's ``clients`` axis (`fedjax_fm.algorithm.stacked_personal`, what
+sharded over the mesh's ``clients`` axis (`fedjax_fm.protocol.stacked_personal`, what
 `init_clients` returns); a round gathers its K clients' rows and scatters them back, so the rest of
 the round's memory does not grow with N. This script measures, for the real all-MiniLM-L6-v2 with
 the adapters of configs/default.py (one bottleneck-32 adapter after every FFN block):
@@ -46,7 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import default as default_config  # noqa: E402
 from fedjax_fm import algorithms, assets, models, roles as roles_lib, sharding  # noqa: E402
-from fedjax_fm.algorithm import ClientExecution, stacked_personal  # noqa: E402
+from fedjax_fm.protocol import ClientExecution, stacked_personal  # noqa: E402
 from fedjax_fm.cohort import Cohort  # noqa: E402
 from fedjax_fm.runner import RoundRunner  # noqa: E402
 
@@ -107,9 +107,9 @@ def measure(name, personal, config, graphdef, params, mesh, args):
   role_tree = models.transformer_roles(params, trainable=tuple(config.model.trainable),
                                        personal=personal)
   per_client = bytes_per_client(params, role_tree)
-  alg = algorithms.build("fedavg", models.classification_loss(graphdef, TEXT_INPUTS), role_tree,
-                         params, ClientExecution("vmap", mesh=mesh),
-                         client_lr=config.algorithm.hparams.client_lr)
+  alg = algorithms.fedavg(models.classification_loss(graphdef, TEXT_INPUTS), role_tree,
+                          client_lr=config.algorithm.hparams.client_lr,
+                          execution=ClientExecution("vmap", mesh=mesh))
   server_abstract = jax.eval_shape(alg.init, params, jax.random.key(0))
   server_bytes = roles_lib.tree_bytes(server_abstract)
   k = config.cohort_size

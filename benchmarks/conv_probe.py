@@ -59,7 +59,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from fedjax_fm import local
+from fedjax_fm import client_update
 from fedjax_fm import runner as runner_lib
 from fedjax_fm.models import SimpleCNN, classification_loss, functional
 from fedjax_fm.models.cnn import dropout
@@ -168,8 +168,8 @@ def probe(args, torch, tdev):
     loss_fn = classification_loss(graphdef)
 
     def update(p, bt, m, k, loss_fn=loss_fn, unroll=unroll):
-      objective = lambda p, bt, m, k: local.masked_loss(loss_fn, p, bt, m, k)
-      return local.train_steps(objective, optax.sgd(CLIENT_LR), p, bt, m, k, unroll=unroll)[0]
+      objective = lambda p, bt, m, k: client_update.masked_loss(loss_fn, p, bt, m, k)
+      return client_update.train_steps(objective, optax.sgd(CLIENT_LR), p, bt, m, k, unroll=unroll)[0]
 
     fn = jax.jit(update, compiler_options=opts)
     t = time.perf_counter()

@@ -21,10 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedjax_fm import local
+from fedjax_fm import client_update
 from fedjax_fm import roles as roles_lib
 from fedjax_fm import runner as runner_lib
-from fedjax_fm.algorithm import ClientExecution, default_execution
+from fedjax_fm.protocol import ClientExecution, default_execution
 from fedjax_fm.algorithms import fedavg
 
 _ENGINE_NAME = re.compile(r"^fedjax_fm\[(vmap|unrolled|chunked(\d+)|sequential(\d+))(,scan)?\]$")
@@ -95,10 +95,10 @@ def jax_client_loop_runner(loss_fn, roles, params, *, client_lr: float, server_l
   @functools.partial(jax.jit, compiler_options=runner_lib.default_compiler_options() or None)
   def local_update(shared, frozen, batches, mask, key):
     def objective(p, batch, m, k):
-      return local.masked_loss(loss_fn, roles_lib.merge(p, frozen), batch, m, k)
+      return client_update.masked_loss(loss_fn, roles_lib.merge(p, frozen), batch, m, k)
 
     # unroll=True: no loop in the XLA program, as with FedJAX's per-batch jitted step.
-    trained, _ = local.train_steps(objective, opt, shared, batches, mask, key, unroll=True)
+    trained, _ = client_update.train_steps(objective, opt, shared, batches, mask, key, unroll=True)
     return jax.tree_util.tree_map(jnp.subtract, trained, shared)
 
   @jax.jit

@@ -45,7 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from fedjax_fm import algorithms, cohort as cohort_lib, models, roles, sharding  # noqa: E402
-from fedjax_fm.algorithm import ClientExecution  # noqa: E402
+from fedjax_fm.protocol import ClientExecution  # noqa: E402
 from fedjax_fm.runner import RoundRunner, padded_rows  # noqa: E402
 from measure import Noise  # noqa: E402  # benchmarks/measure.py
 
@@ -75,8 +75,8 @@ class Workload:
     self.steps, self.batch, self.strategy, self.seed = steps, batch, strategy, seed
 
   def algorithm(self, mesh):
-    return algorithms.build("fedavg", models.classification_loss(self.graphdef, "x"), self.roles,
-                            self.params, ClientExecution(self.strategy, mesh=mesh), client_lr=0.1)
+    return algorithms.fedavg(models.classification_loss(self.graphdef, "x"), self.roles,
+                             client_lr=0.1, execution=ClientExecution(self.strategy, mesh=mesh))
 
   def cohort(self, cohort_size, r):
     ids = cohort_lib.sample_clients(self.seed, r, self.fed.num_clients, cohort_size)

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from fedjax_fm import assets
-from fedjax_fm import local
+from fedjax_fm import client_update
 from fedjax_fm import roles as roles_lib
 from fedjax_fm import runner as runner_lib
 from fedjax_fm.models import classification_loss, from_pretrained, functional, transformer_roles
@@ -61,7 +61,7 @@ def main(args):
                    args.seq_len, args.bottleneck, w2.NUM_CLASSES)
 
   def sgd_step(sh, fr, batch, mask, key):
-    objective = lambda p, b, m, k: local.masked_loss(loss_fn, roles_lib.merge(p, fr), b, m, k)
+    objective = lambda p, b, m, k: client_update.masked_loss(loss_fn, roles_lib.merge(p, fr), b, m, k)
     grads, _ = jax.grad(objective, has_aux=True)(sh, batch, mask, key)
     return jax.tree_util.tree_map(lambda p, g: p - w2.CLIENT_LR * g, sh, grads)
 

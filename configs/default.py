@@ -10,15 +10,22 @@ minutes on a 2-core laptop CPU.
 
   python launch.py                                    # this config
   python launch.py --config configs/default.py:tiny   # 2 rounds, a smoke test
-  python launch.py --config.algorithm.name=fedprox --config.algorithm.hparams.mu=0.01 \\
+  python launch.py --config configs/default.py:fedprox --config.algorithm.hparams.mu=0.01 \\
       --workdir runs/minilm_fedprox
+
+The argument after the colon is ``tiny`` and/or an algorithm of `configs/_algorithms.py`
+(``fedprox``, ``fedper``, ``tiny,fedadam``, ...): that algorithm with every one of its
+hyperparameters.
 """
 
 import ml_collections
 from ml_collections import config_dict
 
+from configs import _algorithms
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  variant, algorithm = _algorithms.select(arg, "configs/default.py")
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.rounds = 15
@@ -32,9 +39,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       adapters=dict(names=("shared",), bottleneck=32, activation="gelu"),
       head=dict(kind="classification", pooling="mean"),
       trainable=("adapters", "head"), personal=(), dtype="float32",
-      dropout=config_dict.placeholder(float)))  # None: the checkpoint's (0.1)
-  c.algorithm = ml_collections.ConfigDict(dict(
-      name="fedavg", hparams=ml_collections.ConfigDict(dict(client_lr=0.5))))
+      dropout=config_dict.placeholder(float),   # None: the checkpoint's (0.1)
+      num_layers=0,  # keep the checkpoint's first layers only (0: all)
+      lora=None,    # e.g. dict(rank=8, alpha=16.0, targets=("q", "v")): LoRA branches
+      image=None))  # e.g. dict(image_size=8, patch_size=4, num_channels=1): images too
+  c.algorithm = _algorithms.algorithm(algorithm or "fedavg", common=dict(client_lr=0.5))
   c.cohort_size = 8
   c.batch_size = 8
   c.local_steps = 4                                   # exactly one of local_steps, local_epochs
@@ -44,14 +53,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.mesh = (("clients", -1),)
   c.execution = ml_collections.ConfigDict(dict(strategy="vmap", chunk_size=8, scan_unroll=1))
-  if arg == "tiny":
+  if variant == "tiny":
     c.rounds = 2
+    c.model.num_layers = 1          # one MiniLM layer: compiles in a fraction of the time
     c.data.update(num_plays=4, examples_per_play=40, max_length=16)
     c.data.partition.num_clients = 4
     c.cohort_size = 2
     c.batch_size = 4
     c.local_steps = 1
     c.eval_every = 2
-  elif arg:
-    raise ValueError(f"unknown variant {arg!r} of configs/default.py; use '' or 'tiny'")
   return c

@@ -6,15 +6,22 @@ examples in a few seconds of training on a laptop CPU.
 
   python launch.py --config configs/digits.py                 # this config, full
   python launch.py --config configs/digits.py:tiny            # seconds
-  python launch.py --config configs/digits.py --config.algorithm.name=fedper --workdir runs/fp
+  python launch.py --config configs/digits.py:fedper --workdir runs/fp
   python launch.py --config configs/digits.py --config.data.partition.kind=dirichlet
+
+The argument after the colon is ``tiny`` and/or an algorithm of `configs/_algorithms.py`
+(``fedprox``, ``fedper``, ``tiny,fedadam``, ...): that algorithm with every one of its
+hyperparameters.
 """
 
 import ml_collections
 from ml_collections import config_dict
 
+from configs import _algorithms
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  variant, algorithm = _algorithms.select(arg, "configs/digits.py")
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.rounds = 200
@@ -24,8 +31,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       name="digits", test_fraction=0.2,
       partition=dict(kind="iid", num_clients=50, alpha=0.5, shards_per_client=2)))
   c.model = ml_collections.ConfigDict(dict(name="mlp", hidden=(64,)))  # mlp | cnn
-  c.algorithm = ml_collections.ConfigDict(dict(
-      name="fedavg", hparams=ml_collections.ConfigDict(dict(client_lr=0.1))))
+  c.algorithm = _algorithms.algorithm(algorithm or "fedavg", common=dict(client_lr=0.1))
   c.cohort_size = 10
   c.batch_size = 8
   c.local_epochs = 1                                  # exactly one of local_steps, local_epochs
@@ -36,11 +42,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mesh = (("clients", -1),)
   # vmap | chunked | unrolled, or "auto" (vmap on GPU/TPU, the CPU choice of BENCHMARKS.md).
   c.execution = ml_collections.ConfigDict(dict(strategy="vmap", chunk_size=8, scan_unroll=1))
-  if arg == "tiny":
+  if variant == "tiny":
     c.rounds = 3
     c.data.partition.num_clients = 8
     c.cohort_size = 4
     c.eval_every = 3
-  elif arg:
-    raise ValueError(f"unknown variant {arg!r} of configs/digits.py; use '' or 'tiny'")
   return c

@@ -25,5 +25,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.dropout = 0.0  # three forwards per batch; dropout's random bits cost most on CPU
   c.algorithm = ml_collections.ConfigDict(dict(
       name="feddat", hparams=ml_collections.ConfigDict(dict(
-          client_lr=1e-3, temperature=3.0, teacher_weights=(0.5, 0.5), weighted=True))))
+          client_lr=1e-3, temperature=3.0, teacher_weights=(0.5, 0.5), distill="softmax",
+          weighted=True))))
   return c

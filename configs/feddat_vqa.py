@@ -25,7 +25,7 @@ same local steps:
 
 import ml_collections
 
-from configs import feddat_text
+from configs import _algorithms, feddat_text
 
 BASELINES = ("fedavg", "fedprox", "local")
 
@@ -53,7 +53,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     hparams = dict(client_lr=c.algorithm.hparams.client_lr, client_optimizer="adamw")
     if method == "fedprox":
       hparams["mu"] = 0.01
-    c.algorithm = ml_collections.ConfigDict(dict(name=method, hparams=hparams))
+    c.algorithm = _algorithms.algorithm(method, **hparams)
   if tiny:
     c.rounds, c.eval_every = 2, 2
     c.data.families = ("identity", "parity")

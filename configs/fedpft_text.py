@@ -53,8 +53,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.batch_size = 4
     c.local_steps = 1
     c.eval_every = 2
+    c.model.num_layers = 2          # layer 0 kept whole, layer 1 compressed
     c.algorithm.hparams.update(layer_align_steps=2, align_every=1, align_steps=1,
-                               align_batch_size=4, public_examples=8)
+                               align_batch_size=4, public_examples=8, retained_layers=(0,))
   elif arg:
     raise ValueError(f"unknown variant {arg!r} of configs/fedpft_text.py; use '' or 'tiny'")
   return c

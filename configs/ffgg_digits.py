@@ -16,17 +16,15 @@ hyperparameters: `local_steps` (Local FFGG), `max_delay` (asynchronous), `attack
 
 import ml_collections
 
-from configs import digits
+from configs import _algorithms, digits
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = digits.get_config(arg)
   c.data.partition.update(kind="dirichlet", alpha=0.3)
-  c.algorithm = ml_collections.ConfigDict(dict(
-      name="ffgg", hparams=ml_collections.ConfigDict(dict(
-          personal="^head/", personal_lr=0.1, personal_steps=5, server_lr=0.5, local_steps=0,
-          max_delay=0, attack=ml_collections.config_dict.placeholder(str),
-          attacker_fraction=0.0, aggregator="mean"))))
+  c.algorithm = _algorithms.algorithm(
+      "ffgg", personal="^head/", personal_lr=0.1, personal_steps=5, server_lr=0.5,
+      local_steps=0, max_delay=0, attacker_fraction=0.0, aggregator="mean")
   if arg == "tiny":
     c.algorithm.hparams.personal_steps = 2
   return c

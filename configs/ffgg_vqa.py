@@ -23,9 +23,8 @@ Variants (`configs/ffgg_vqa.py:<variant>[,tiny]`):
 """
 
 import ml_collections
-from ml_collections import config_dict
 
-from configs import feddat_vqa
+from configs import _algorithms, feddat_vqa
 
 VARIANTS = ("ffgg", "async", "byzantine", "byzantine_mean", "fedavg", "fedper")
 
@@ -44,16 +43,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.local_steps = 1 if tiny else 4
   lr = 0.5                                           # SGD everywhere, as in the paper
   if variant == "fedavg":
-    c.algorithm = ml_collections.ConfigDict(dict(name="fedavg", hparams=dict(client_lr=lr)))
+    c.algorithm = _algorithms.algorithm("fedavg", client_lr=lr)
   elif variant == "fedper":
-    c.algorithm = ml_collections.ConfigDict(dict(
-        name="fedper", hparams=dict(client_lr=lr, personal="^head/")))
+    c.algorithm = _algorithms.algorithm("fedper", client_lr=lr, personal="^head/")
   else:
-    c.algorithm = ml_collections.ConfigDict(dict(
-        name="ffgg", hparams=ml_collections.ConfigDict(dict(
-            personal="^head/", personal_lr=lr, personal_steps=1 if tiny else 2, server_lr=1.0,
-            local_steps=c.local_steps, local_lr=lr, max_delay=3 if variant == "async" else 0,
-            attack="flip" if variant.startswith("byzantine") else config_dict.placeholder(str),
-            attacker_fraction=0.2 if variant.startswith("byzantine") else 0.0,
-            aggregator="median" if variant == "byzantine" else "mean"))))
+    c.algorithm = _algorithms.algorithm(
+        "ffgg", personal="^head/", personal_lr=lr, personal_steps=1 if tiny else 2,
+        server_lr=1.0, local_steps=c.local_steps, local_lr=lr,
+        max_delay=3 if variant == "async" else 0,
+        attack="flip" if variant.startswith("byzantine") else None,
+        attacker_fraction=0.2 if variant.startswith("byzantine") else 0.0,
+        aggregator="median" if variant == "byzantine" else "mean")
   return c

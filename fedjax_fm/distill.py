@@ -15,7 +15,7 @@ the student only.
 
 Reductions follow PyTorch's ``batchmean``: the KL is summed over classes *and* any further
 non-batch axes (positions of a sequence model), then averaged over the batch. The per-example
-functions return the [B] sums, which is what the engine's losses return (`fedjax_fm.local.
+functions return the [B] sums, which is what the engine's losses return (`fedjax_fm.client_update.
 masked_loss` averages them over the real examples of a padded batch, giving exactly the
 batch-mean over real examples).
 

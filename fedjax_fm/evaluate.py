@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_fm import clients as clients_lib, local, roles as roles_lib
-from fedjax_fm.algorithm import LossFn
+from fedjax_fm import clients as clients_lib, client_update, roles as roles_lib
+from fedjax_fm.protocol import LossFn
 from fedjax_fm.cohort import FederatedData, make_cohort, steps_for_epochs
 
 PyTree = Any
@@ -82,7 +82,7 @@ def make_evaluator(loss_fn: LossFn, test: FederatedData, batch_size: int = 64,
   def one_client(params, data, mask):
     def step(_, inputs):
       batch, m = inputs
-      return None, local.masked_loss(loss_fn, params, batch, m, key)[1]
+      return None, client_update.masked_loss(loss_fn, params, batch, m, key)[1]
     _, sums = jax.lax.scan(step, None, (data, mask))
     return jax.tree_util.tree_map(lambda s: jnp.sum(s, 0), sums)
 

@@ -20,7 +20,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from fedjax_fm import sharding
-from fedjax_fm.algorithm import Algorithm, ServerState
+from fedjax_fm.protocol import Algorithm, ServerState
 from fedjax_fm.cohort import Cohort, pad_cohort
 
 PyTree = Any

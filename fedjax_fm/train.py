@@ -1,7 +1,7 @@
 """The run loop: sample a cohort, run the compiled round, evaluate, log, checkpoint. One story.
 
-The algorithm arrives built (`fedjax_fm.algorithms.build`), so this module knows no algorithm.
-Everything random is a pure function of (seed, round), and checkpoints hold the server state, the
+The algorithm arrives built (`fedjax_fm.experiment`, `fedjax_fm.algorithms.BUILDERS`), so this
+module knows no algorithm. Everything random is a pure function of (seed, round), and checkpoints hold the server state, the
 clients' personal state and the metric history, so a resumed run ends bit-identical to an
 uninterrupted one. In a multi-host run (`fedjax_fm.distributed`) every process runs this loop on
 its share of each cohort and takes part in the checkpoints; process 0 alone writes the rest.
@@ -20,7 +20,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from fedjax_fm import cohort as cohort_lib, distributed, report, sharding
-from fedjax_fm.algorithm import Algorithm
+from fedjax_fm.builders import check_schedule
+from fedjax_fm.protocol import Algorithm
 from fedjax_fm.checkpoint import Checkpointer
 from fedjax_fm.runner import RoundRunner, padded_rows
 
@@ -29,12 +30,6 @@ PyTree = Any
 
 def _scalars(metrics: dict) -> dict[str, float]:
   return {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
-
-
-def _check_positive(**values):
-  for name, value in values.items():
-    if value is not None and not value > 0:
-      raise ValueError(f"{name} must be positive, got {value}; set config.{name} > 0")
 
 
 def train(alg: Algorithm, params: PyTree,
@@ -73,18 +68,16 @@ def train(alg: Algorithm, params: PyTree,
       backbone, `fedjax_fm.models.param_shardings`); replicated if None.
     progress: show a progress bar.
   """
-  # ---- arguments: fail before anything is written ----
-  if (local_steps is None) == (local_epochs is None):
-    raise ValueError("set exactly one of local_steps and local_epochs")
-  _check_positive(rounds=rounds, batch_size=batch_size, local_steps=local_steps,
-                  local_epochs=local_epochs, eval_every=eval_every)
+  # ---- arguments: fail before anything is written (the checks `launch` makes too) ----
+  check_schedule(rounds=rounds, cohort_size=cohort_size, batch_size=batch_size,
+                 local_steps=local_steps, local_epochs=local_epochs, eval_every=eval_every,
+                 checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints)
   grouped = isinstance(train_data, cohort_lib.GroupedData)
   if grouped:
     cohort_sizes = cohort_lib.group_cohort_sizes(train_data, cohort_size)
     groups = train_data.groups
     client_groups = client_groups or train_data.client_groups
   else:
-    _check_positive(cohort_size=cohort_size)
     if cohort_size > train_data.num_clients:
       raise ValueError(f"cohort_size {cohort_size} is larger than the federation's "
                        f"{train_data.num_clients} clients; lower config.cohort_size")

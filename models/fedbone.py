@@ -1,7 +1,7 @@
 """FedBone's client models for the federation suite: embedder, task adaptation module, head.
 
 Chen et al. "FedBone: Towards Large-Scale Federated Multi-Task Learning." arXiv:2306.17465
-(2023); ALGORITHMS.md section 4. A client k holds its task-specific client model: an embedder
+(2023); docs/algorithms.md section 4. A client k holds its task-specific client model: an embedder
 E_k (image patches with `ImageTokens`, or a text model's token embeddings with `TextTokens`)
 that feeds the server's general model, and on the general model's features a task adaptation
 module A_k and a task head H_k with the task loss (`ClientModel`). The algorithm sees these

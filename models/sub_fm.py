@@ -1,7 +1,7 @@
 """The sub-FM: a transformer whose FFN blocks keep only their most salient neurons (FedPFT's proxy).
 
 Peng et al. "FedPFT: Federated Proxy Fine-Tuning of Foundation Models." IJCAI 2024
-(arXiv:2404.11536); ALGORITHMS.md section 3.2. Layer-wise compression by neuron saliency:
+(arXiv:2404.11536); docs/algorithms.md section 3.2. Layer-wise compression by neuron saliency:
 every layer not retained keeps the `keep_neurons` FFN neurons with the largest
 ||[W_in[i, :], W_out[:, i]]||_2, in their original order (`compress_ffn`); attention,
 embeddings and LayerNorms are the FM's. The sub-FM's parameters are the FM's tree with
@@ -36,7 +36,7 @@ def layer_indices(params: PyTree) -> tuple[int, ...]:
 
 
 def neuron_saliency(fc_in_kernel: jax.Array, fc_out_kernel: jax.Array) -> jax.Array:
-  """s_i = ||[W_in[i, :], W_out[:, i]]||_2 for every FFN neuron i (ALGORITHMS.md 3.2).
+  """s_i = ||[W_in[i, :], W_out[:, i]]||_2 for every FFN neuron i (docs/algorithms.md 3.2).
 
   Flax kernels are (in, out): neuron i's input weights are column i of fc_in's kernel [D, F]
   and its output weights row i of fc_out's kernel [F, D]. Returns [F].
@@ -62,7 +62,8 @@ def ffn_block(params: PyTree, i: int) -> dict:
 
 def compress_ffn(params: PyTree, keep_neurons: int,
                  retained_layers: Sequence[int] = ()) -> dict[int, dict]:
-  """The sub-FM's FFN blocks: layer-wise FFN compression by neuron saliency (ALGORITHMS.md 3.2).
+  """The sub-FM's FFN blocks: layer-wise FFN compression by neuron saliency
+  (docs/algorithms.md 3.2).
 
   Every layer not in `retained_layers` keeps its `keep_neurons` most salient neurons in their
   original order: fc_in kernel columns and bias entries, fc_out kernel rows; fc_out's bias and

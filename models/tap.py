@@ -2,7 +2,7 @@
 
 Lee, Fang, Han, Hosseinalipour, Brinton. "Two-Stage Adaptive Personalization of Multi-Task and
 Multi-Modal Foundation Models in Federated Learning" (TAP), arXiv:2509.26524, 2025; restated in
-ALGORITHMS.md section 1.1.
+docs/algorithms.md section 1.1.
 
 The server holds one model over the union of all modalities and tasks (the paper's
 "modality-task pair architecture"); a client of modality-task pair p holds and runs only the
@@ -20,7 +20,8 @@ static sub-tree `view_mask(params, config, p)` of it:
   mean (`adapters.mix_adapters`): the JAX reading of the paper's MoTE/MoME paths
   (shared->shared, shared->t, m->t, m->shared, averaged). The reference code's separate
   per-modality and per-task transformer blocks and per-domain experts are folded into these
-  experts; its attention "LoRA" that applies W_q twice (ALGORITHMS.md 1.6, item 2) is replaced by
+  experts; its attention "LoRA" that applies W_q twice (docs/algorithms.md 1.6, item 2) is replaced
+  by
   standard LoRA;
 - ``heads/<task>``: one head per task (`heads.py`): classification (masked-mean pooled tokens),
   dense per-pixel classification or regression (a patch decoder over the image tokens), next

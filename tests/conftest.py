@@ -1,12 +1,20 @@
-"""Test setup: 8 fake CPU devices, so multi-device sharding is tested on any machine.
+"""Test setup: 8 fake CPU devices, so multi-device sharding is tested on any machine, and one
+persistent compilation cache for the whole run (test processes and the launches they start),
+so a program compiled by one test is not compiled again by another.
 
 XLA reads the flag once, when jax first initialises its backend, so it must be set before any
 test module imports jax.
 """
 
 import os
+import tempfile
 
 if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# `.ci/run` points this at a fresh folder per run; locally it persists between runs.
+os.environ.setdefault("FEDJAX_FM_COMPILATION_CACHE",
+                      os.path.join(tempfile.gettempdir(), "fedjax_fm_test_jax_cache"))
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ["FEDJAX_FM_COMPILATION_CACHE"])
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")

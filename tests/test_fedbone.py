@@ -7,9 +7,9 @@ import optax
 import pytest
 from flax import nnx
 
-from fedjax_fm import cohort as cohort_lib, local, roles as roles_lib, sharding
+from fedjax_fm import cohort as cohort_lib, client_update, roles as roles_lib, sharding
 from fedjax_fm import runner as runner_lib
-from fedjax_fm.algorithm import ClientExecution
+from fedjax_fm.protocol import ClientExecution
 from fedjax_fm.algorithms import fedbone as fb
 from fedjax_fm.models import fedbone as fedbone_models
 from fedjax_fm.models import transformer as transformer_lib
@@ -124,7 +124,7 @@ def test_split_gradients_equal_the_end_to_end_gradient():
     def loss_fn(params, b, r):
       tokens, token_mask = _embed(params, b, r)
       return _task(params, general_fn(th, tokens, token_mask, r), token_mask, b, r)
-    return local.masked_loss(loss_fn, p, batch, mask, None)[0]
+    return client_update.masked_loss(loss_fn, p, batch, mask, None)[0]
 
   want_client, want_general = jax.grad(composed, argnums=(0, 1))(personal, theta)
   for got, want in ((g_client, want_client), (g_general, want_general)):
@@ -237,7 +237,7 @@ def test_suite_client_models_split_gradients_and_evaluation():
         tokens, token_mask = text.embed_fn(params, b, r)
         features = general_fn(roles_lib.merge(th, theta_frozen), tokens, token_mask, r)
         return text.task_fn(params, features, token_mask, b, r)
-      return local.masked_loss(loss_fn, roles_lib.merge(p, frozen), batch, mask, None)[0]
+      return client_update.masked_loss(loss_fn, roles_lib.merge(p, frozen), batch, mask, None)[0]
 
     return split, jax.grad(composed, argnums=(0, 1))(personal, theta)
 

@@ -8,7 +8,7 @@ up-projection so that every forward and both distillation terms are non-trivial,
 frozen copy to 100 so that any forward still using it (instead of the received A_s) is far off.
 
 The reference (`reference_client`) is a plain Python loop over one client's batches that writes the
-local update of ALGORITHMS.md 2.2 out by hand, with its own KL:
+local update of docs/algorithms.md 2.2 out by hand, with its own KL:
 
     z_t = DAT(A_c, Ā_s = A_s received)      (weights 1/2, 1/2)
     (1) L_s = mean_b 1/2 [CE(z_s, y) + T^2 KL(softmax(z_t/T) || softmax(z_s/T))]; Adam on A_s, head
@@ -28,7 +28,7 @@ from flax import nnx
 
 from fedjax_fm import roles as roles_lib
 from fedjax_fm import sharding
-from fedjax_fm.algorithm import ClientExecution
+from fedjax_fm.protocol import ClientExecution
 from fedjax_fm.algorithms import fedavg
 from fedjax_fm.algorithms.feddat import (adapter_mix_loss, adapter_weights_by_mode,
                                          classification_task_loss, feddat, model_logits_fn,

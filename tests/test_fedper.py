@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from fedjax_fm import roles as roles_lib
-from fedjax_fm.algorithm import ClientExecution
+from fedjax_fm.protocol import ClientExecution
 from fedjax_fm.algorithms import fedper
 from fedjax_fm.cohort import Cohort
 

@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 from fedjax_fm import roles as roles_lib
-from fedjax_fm.algorithm import ClientExecution
+from fedjax_fm.protocol import ClientExecution
 from fedjax_fm.algorithms.fedpft import fedpft
 from fedjax_fm.algorithms.fedpft_alignment import (alignment_loss, least_active_mask,
                                                    make_distiller, neuron_update_mask,

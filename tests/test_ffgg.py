@@ -12,7 +12,7 @@ Clients: A = (a, c) = (1, 3), B = (-1, -2); x0 = 0, y0 = 0 for everyone; eta_in 
      g_B = (0 + 1) + (0 - 1.5 + 2) = 1.5
   gamma = 0.5:  x1 = 0 - 0.5 * (-1.75 + 1.5) / 2 = 0.0625;  personal rows (2.25, -1.5).
 
-The quadratic tests use the paper's synthetic objective (section 5.3 of ALGORITHMS.md)
+The quadratic tests use the paper's synthetic objective (section 5.3 of docs/algorithms.md)
 f_m(x, w_m) = 1/2 |H x - b_m|^2 + 1/2 |A_m x + B_m w_m - y_m|^2 in its overpersonalized regime.
 """
 
@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from fedjax_fm import roles as roles_lib, sharding
-from fedjax_fm.algorithm import ClientExecution
+from fedjax_fm.protocol import ClientExecution
 from fedjax_fm.algorithms import fedavg
 from fedjax_fm.algorithms.ffgg import (ByzantineAttack, apply_attack, choose_attackers, ffgg,
                                        flip_update, gaussian_update, history_init, history_push,
@@ -335,7 +335,7 @@ def test_robust_aggregators_hand_derived(aggregator, expected_x):
 
 
 # ------------------------------------------------------------------------------------------------
-# The paper's quadratic, overpersonalized (ALGORITHMS.md 5.3)
+# The paper's quadratic, overpersonalized (docs/algorithms.md 5.3)
 #
 # f_m(x, w_m) = 1/2 |H x - b_m|^2 + 1/2 |A_m x + B_m w_m - y_m|^2, zeta = 0 (H_m = H).
 # Data: b_m = H x*, y_m = A_m x* + B_m w_m* for random x*, w_m*: every client fits its data

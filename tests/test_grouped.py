@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from fedjax_fm import cohort as cohort_lib, evaluate as evaluate_lib, sharding
-from fedjax_fm.algorithm import Algorithm, ServerState
+from fedjax_fm.protocol import Algorithm, ServerState
 from fedjax_fm.cohort import FederatedData, GroupedData
 from fedjax_fm.runner import RoundRunner
 from fedjax_fm.train import train

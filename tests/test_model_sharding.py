@@ -12,7 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 from fedjax_fm import roles as roles_lib
 from fedjax_fm import sharding
-from fedjax_fm.algorithm import ClientExecution
+from fedjax_fm.protocol import ClientExecution
 from fedjax_fm.algorithms import fedavg
 from fedjax_fm.cohort import Cohort
 from fedjax_fm.models import (AdapterConfig, TransformerConfig, TransformerModel, functional,

@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 
 from fedjax_fm import roles as roles_lib
-from fedjax_fm.algorithm import ClientExecution
+from fedjax_fm.protocol import ClientExecution
 from fedjax_fm.algorithms import tap as tap_lib
 from fedjax_fm.algorithms import tap_launch, tap_post_fl
 from fedjax_fm.cohort import FederatedData, make_cohort
@@ -232,25 +232,6 @@ def test_load_pretrained_from_a_tiny_checkpoint(model_parts, tmp_path):
   save_file(tensors, str(tmp_path / "model.safetensors"))
   with pytest.raises(ValueError, match="shape"):
     model_lib.load_pretrained(params, CONFIG, str(tmp_path))
-
-
-def test_suite_helpers():
-  fed = FederatedData.from_clients([{"y": np.zeros(4)}, {"y": np.zeros(1)}, {"y": np.zeros(8)}])
-  flagged = tap_launch._flag_validation(fed, 0.25, seed=0)
-  flags = flagged.arrays[tap_lib.VALIDATION_KEY]
-  # round(0.25 * n) held out, at least one with two or more examples, never all of them.
-  assert [int(flags[lo:hi].sum()) for lo, hi in zip(fed.offsets[:-1], fed.offsets[1:])] == \
-      [1, 0, 2]
-  from fedjax_fm import assets
-  from fedjax_fm.data import text as text_lib
-  import os
-  vocab = os.path.join(assets.path("all-minilm-l6-v2"), "vocab.txt")
-  table = tap_launch._char_to_wordpiece(vocab)
-  tok = text_lib.minilm_tokenizer(8)
-  ids = table[text_lib.char_ids("Ab")]
-  # Upper and lower case read as the same uncased wordpiece as the tokenizer gives "a", "b".
-  np.testing.assert_array_equal(ids, tok.encode(["a b"])["input_ids"][0, 1:3])
-  assert table[text_lib.PAD_ID] == 0
 
 
 def test_config_errors():

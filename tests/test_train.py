@@ -1,5 +1,5 @@
-"""Run lifecycle: checkpoints, bit-identical resume (also after a real kill), damaged checkpoints,
-workdir rules, and what a run leaves behind."""
+"""`fedjax_fm.train`, the run loop, through a whole lifecycle: checkpoints, bit-identical resume
+(also after a real kill), damaged checkpoints, workdir rules, and what a run leaves behind."""
 
 import glob
 import hashlib
@@ -16,9 +16,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-import launch
 from configs import digits as default_config
 from fedjax_fm import report
+from fedjax_fm.experiment import run
 from fedjax_fm.checkpoint import CheckpointError, Checkpointer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,8 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _config(rounds, **overrides):
   """FedPer on tiny digits: shared body and personal heads, so personal state is checked too."""
-  c = default_config.get_config("tiny")
-  c.algorithm.name = "fedper"   # its personal heads are the MLP's `head/`
+  c = default_config.get_config("tiny,fedper")   # its personal heads are the MLP's `head/`
   c.rounds = rounds
   c.eval_every = 3
   c.checkpoint_every = 3
@@ -36,7 +35,7 @@ def _config(rounds, **overrides):
 
 
 def _run(workdir, rounds, **kw):
-  return launch.run(_config(rounds), str(workdir), progress=False, **kw)
+  return run(_config(rounds), str(workdir), progress=False, **kw)
 
 
 def _metrics(workdir):
@@ -102,8 +101,8 @@ def test_resume_ends_bit_identical_to_an_uninterrupted_run(uninterrupted, tmp_pa
 def test_resume_after_a_real_kill(uninterrupted, tmp_path):
   """SIGKILL a launched run once a checkpoint exists; --resume finishes with the same numbers."""
   cmd = [sys.executable, os.path.join(ROOT, "launch.py"), "--config",
-         os.path.join(ROOT, "configs", "digits.py:tiny"), "--workdir", str(tmp_path),
-         "--config.algorithm.name=fedper", "--config.rounds=6", "--config.eval_every=3",
+         os.path.join(ROOT, "configs", "digits.py:tiny,fedper"), "--workdir", str(tmp_path),
+         "--config.rounds=6", "--config.eval_every=3",
          "--config.checkpoint_every=3"]
   env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=8")
   proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
@@ -168,14 +167,14 @@ def test_workdir_of_another_run_is_refused_and_left_intact(uninterrupted, tmp_pa
   before = _snapshot(workdir)
   other = _config(6, seed=1)
   with pytest.raises(ValueError, match=r"differs.*seed.*--allow_config_change"):
-    launch.run(other, str(workdir), resume=True, progress=False)
+    run(other, str(workdir), resume=True, progress=False)
   with pytest.raises(ValueError, match="already holds a run.*--resume.*--overwrite"):
-    launch.run(other, str(workdir), progress=False)
+    run(other, str(workdir), progress=False)
   with pytest.raises(ValueError, match="no checkpoints to resume"):
-    launch.run(other, str(tmp_path / "empty"), resume=True, progress=False)
+    run(other, str(tmp_path / "empty"), resume=True, progress=False)
   assert _snapshot(workdir) == before
   # Asked explicitly: the old run is moved aside, not deleted.
-  launch.run(_config(3, seed=1), str(workdir), overwrite=True, progress=False)
+  run(_config(3, seed=1), str(workdir), overwrite=True, progress=False)
   aside = glob.glob(str(workdir / "replaced-*"))
   assert len(aside) == 1 and os.path.exists(os.path.join(aside[0], "metrics.jsonl"))
   assert len(report.read_metrics(str(workdir))) == 3

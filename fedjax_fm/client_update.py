@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_fm.algorithm import LossFn
+from fedjax_fm.protocol import LossFn
 
 PyTree = Any
 # objective(trainable, batch, mask, rng) -> (scalar loss, {name: summed metric}).

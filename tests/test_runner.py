@@ -10,7 +10,7 @@ from fedjax_fm import cohort as cohort_lib
 from fedjax_fm import roles as roles_lib
 from fedjax_fm import sharding
 from fedjax_fm import runner as runner_lib
-from fedjax_fm.algorithm import ClientExecution
+from fedjax_fm.protocol import ClientExecution
 from fedjax_fm.algorithms import fedavg, fedper
 from fedjax_fm.models import SimpleCNN, classification_loss, functional
 from fedjax_fm.runner import RoundRunner, padded_rows

@@ -26,8 +26,8 @@ import numpy as np
 import pytest
 
 from fedjax_fm import roles as roles_lib
-from fedjax_fm.algorithm import ClientExecution
-from fedjax_fm.algorithms import local_training
+from fedjax_fm.protocol import ClientExecution
+from fedjax_fm.algorithms import local_only
 from fedjax_fm.cohort import Cohort
 
 PAD = 1e4
@@ -71,7 +71,7 @@ EXECUTIONS = {
 
 @functools.lru_cache(maxsize=None)
 def _make(strategy):
-  alg = local_training(loss_fn, roles(), client_lr=0.5, execution=EXECUTIONS[strategy])
+  alg = local_only(loss_fn, roles(), client_lr=0.5, execution=EXECUTIONS[strategy])
   return alg, jax.jit(alg.round)
 
 
@@ -133,7 +133,7 @@ def test_weights_do_not_matter():
 
 def test_personal_roles_and_bytes():
   # Every trainable leaf becomes personal (also one marked shared), frozen stays frozen.
-  alg = local_training(loss_fn, roles())
+  alg = local_only(loss_fn, roles())
   params = init_params()
   assert alg.bytes_per_client(params) == (0, 0)
   clients = alg.init_clients(params, N)

@@ -14,13 +14,13 @@ import jax
 import optax
 
 from fedjax_fm import roles as roles_lib
-from fedjax_fm.algorithm import Algorithm, ClientExecution, LossFn
-from fedjax_fm.local_update_round import local_update_algorithm, make_client_optimizer
+from fedjax_fm.protocol import Algorithm, ClientExecution, LossFn
+from fedjax_fm.fedavg_round import local_update_algorithm, make_client_optimizer
 
 
-def local_training(loss_fn: LossFn, roles: Any, *, client_lr: float = 0.1,
-                   client_optimizer: str = "sgd",
-                   execution: ClientExecution | None = None) -> Algorithm:
+def local_only(loss_fn: LossFn, roles: Any, *, client_lr: float = 0.1,
+               client_optimizer: str = "sgd",
+               execution: ClientExecution | None = None) -> Algorithm:
   """Local training: `shared` leaves of `roles` become personal; frozen stay frozen.
   `client_optimizer`: "sgd" or "adamw" (`make_client_optimizer`)."""
   personal = jax.tree_util.tree_map(

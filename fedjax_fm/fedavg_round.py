@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_fm import aggregate, clients, local, roles as roles_lib
-from fedjax_fm.algorithm import (Algorithm, ClientExecution, LossFn, ServerState,
+from fedjax_fm import aggregate, clients, client_update, roles as roles_lib
+from fedjax_fm.protocol import (Algorithm, ClientExecution, LossFn, ServerState,
                                   default_execution, shared_bytes, stacked_personal)
 from fedjax_fm.cohort import Cohort
 from fedjax_fm.roles import FROZEN, PERSONAL, SHARED
@@ -116,7 +116,7 @@ def local_update_algorithm(
 
     def objective(trainable, batch, mask, key):
       params = roles_lib.merge(trainable, frozen)
-      loss, sums = local.masked_loss(loss_fn, params, batch, mask, key)
+      loss, sums = client_update.masked_loss(loss_fn, params, batch, mask, key)
       if proximal_mu:
         drift = jax.tree_util.tree_map(jnp.subtract, roles_lib.select(trainable, roles, SHARED),
                                        shared)
@@ -125,7 +125,7 @@ def local_update_algorithm(
 
     def one_client(personal_k, data_k, mask_k, key_k):
       trainable = roles_lib.merge(shared, personal_k)
-      trained, sums = local.train_steps(objective, client_optimizer, trainable, data_k, mask_k,
+      trained, sums = client_update.train_steps(objective, client_optimizer, trainable, data_k, mask_k,
                                         key_k, execution.scan_unroll)
       delta = jax.tree_util.tree_map(jnp.subtract, roles_lib.select(trained, roles, SHARED),
                                      shared)

@@ -1,0 +1,213 @@
+"""The one way a config becomes a run's objects: what data, model and algorithm builders take and
+give, and the one validation pass every entry point shares.
+
+Three tables map a config's names to builders (`fedjax_fm.experiment`): ``config.data.name`` ->
+a data builder, ``config.model.name`` -> a model builder, ``config.algorithm.name`` -> an
+algorithm builder (`fedjax_fm.algorithms.BUILDERS`). They have one signature each::
+
+    build_data(config) -> Federation
+    build_model(config, federation) -> ModelBundle
+    build(config, model: ModelBundle, data: Federation, execution: ClientExecution) -> Built
+
+An algorithm builder names the hyperparameters it reads in its attribute ``hparams`` and reads
+every one from the config with no fallback default: a missing key is an error naming it
+(`read_hparams`), raised before any data is built. Defaults live in the config files
+(``configs/``), so a config file says everything a run does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+import numbers
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
+
+from fedjax_fm.protocol import Algorithm, ClientExecution, LossFn
+from fedjax_fm.cohort import FederatedData, GroupedData
+from fedjax_fm.evaluate import make_evaluator
+
+PyTree = Any
+# evaluate(server params, client states) -> {"<mode>/<metric>": value}
+Evaluate = Callable[[PyTree, PyTree], Mapping[str, Any]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Federation:
+  """What a data builder gives: the clients' training and test data.
+
+  Attributes:
+    train, test: `FederatedData` (one client population) or `GroupedData` (one group per
+      architecture, e.g. a modality-task pair; the grouped algorithms' input).
+    client_groups: a group name per client for the summary's per-group rows (e.g. a client's
+      question family), or None.
+  """
+  train: FederatedData | GroupedData
+  test: FederatedData | GroupedData
+  client_groups: Sequence[str] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelBundle:
+  """What a model builder gives an algorithm builder.
+
+  Attributes:
+    params: the initial parameters, a pure pytree (`nnx.split` state as a dict).
+    roles: a role per leaf of `params` (`fedjax_fm.roles`: frozen, shared, personal).
+    graphdef: the NNX graph definition that `nnx.merge`s with `params` (None for a model that
+      is not one module, such as FedBone's split model).
+    input_keys: the batch keys the model reads, in its positional order (one key for a model
+      that takes one array).
+    loss: ``loss(train: bool) -> LossFn``, the model's task loss (per-example loss and metrics
+      from params, batch, rng); None where the algorithm brings its own objective.
+    split: FedBone's split model (`fedjax_fm.algorithms.fedbone_launch.SplitModel`: the general
+      model and one client model per task group), or None.
+    extras: anything else a specific algorithm's builder needs from its model builder, by name.
+  """
+  params: PyTree
+  roles: PyTree
+  graphdef: Any = None
+  input_keys: tuple[str, ...] | str | None = None
+  loss: Callable[[bool], LossFn] | None = None
+  split: Any = None
+  extras: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+class Built(NamedTuple):
+  """What an algorithm builder gives the run loop."""
+  algorithm: Algorithm
+  evaluate: Evaluate | None
+
+
+# build(config, model, data, execution) -> Built, with an attribute `hparams`: the names of
+# the config.algorithm.hparams it reads.
+AlgorithmBuilder = Callable[[Any, ModelBundle, Federation, ClientExecution], Built]
+
+
+# ---- hyperparameters: every one from the config, none defaulted in code ----
+
+def read_hparams(config, names: Sequence[str]) -> dict[str, Any]:
+  """``config.algorithm.hparams`` as a dict holding exactly `names`.
+
+  Raises:
+    ValueError: a name the config does not set (naming it and where the algorithm's knobs are
+      listed), or a key the algorithm does not read (naming the ones it does).
+  """
+  algorithm = config.algorithm.name
+  given = config.algorithm.hparams
+  given = dict(given.items()) if given is not None else {}
+  unknown = sorted(set(given) - set(names))
+  missing = [n for n in names if n not in given]
+  if missing:
+    extra = f" and sets {unknown}, which it does not read" if unknown else ""
+    raise ValueError(f"algorithm {algorithm!r} reads config.algorithm.hparams.{missing[0]}"
+                     f"{f' (and {missing[1:]})' if missing[1:] else ''}, which the config "
+                     f"does not set{extra}; add it to the config file (the defaults of every "
+                     f"baseline are in configs/_algorithms.py), or pick the algorithm by the "
+                     f"config argument, e.g. --config configs/digits.py:{algorithm}")
+  if unknown:
+    raise ValueError(f"algorithm {algorithm!r} takes no hyperparameter {unknown}; it takes "
+                     f"{sorted(names)}")
+  return {n: _plain(given[n]) for n in names}
+
+
+def _plain(value):
+  """ConfigDict / FrozenConfigDict -> dict and lists -> tuples (hashable, closed-over)."""
+  if hasattr(value, "to_dict"):
+    return value.to_dict()
+  if isinstance(value, list):
+    return tuple(value)
+  return value
+
+
+def factory_hparams(factory: Callable[..., Any], wired: Sequence[str] = (),
+                    fixed: Mapping[str, Any] | None = None) -> tuple[str, ...]:
+  """The keyword hyperparameters of an algorithm factory: its parameters other than the
+  positional inputs the builder wires (`wired`) and those it fixes (`fixed`)."""
+  skip = set(wired) | set(fixed or {}) | {"execution"}
+  out = []
+  for p in inspect.signature(factory).parameters.values():
+    if p.kind == p.VAR_KEYWORD:
+      raise TypeError(f"{factory.__name__} takes **kwargs; name its hyperparameters so a "
+                      "config can list them")
+    if p.kind == p.KEYWORD_ONLY and p.name not in skip:
+      out.append(p.name)
+  return tuple(out)
+
+
+# ---- the one validation pass (launch, the library API and train all call it) ----
+
+def check_schedule(*, rounds, cohort_size, batch_size, local_steps, local_epochs, eval_every,
+                   checkpoint_every=0, keep_checkpoints=1) -> None:
+  """The run schedule's values; errors name the config key to fix.
+
+  Raises:
+    ValueError: a count that is not a positive integer (``checkpoint_every`` may be 0: only
+      at the end), or not exactly one of ``local_steps`` and ``local_epochs``.
+  """
+  values = dict(rounds=rounds, batch_size=batch_size, local_steps=local_steps,
+                local_epochs=local_epochs, eval_every=eval_every,
+                keep_checkpoints=keep_checkpoints)
+  sizes = cohort_size if isinstance(cohort_size, (tuple, list)) else (cohort_size,)
+  for i, size in enumerate(sizes):
+    values["cohort_size" if len(sizes) == 1 else f"cohort_size[{i}]"] = size
+  for name, value in values.items():
+    if value is None:
+      continue
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+      raise ValueError(f"config.{name} must be a positive integer, got {value!r}")
+  if (local_steps is None) == (local_epochs is None):
+    raise ValueError("set exactly one of config.local_steps and config.local_epochs (the other "
+                     "None)")
+  if not isinstance(checkpoint_every, numbers.Integral) or checkpoint_every < 0:
+    raise ValueError(f"config.checkpoint_every must be an integer >= 0 (0: only at the end), "
+                     f"got {checkpoint_every!r}")
+
+
+def check_hparams(hparams: Mapping[str, Any]) -> None:
+  """Numbers that must be finite (every float hyperparameter) and learning rates (``*lr``)
+  that must be positive."""
+  for name, value in hparams.items():
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+      continue
+    if not math.isfinite(value):
+      raise ValueError(f"config.algorithm.hparams.{name} must be finite, got {value}")
+    if name.endswith("lr") and not value > 0:
+      raise ValueError(f"learning rate config.algorithm.hparams.{name} must be positive, got "
+                       f"{value}")
+
+
+def validate_config(config) -> None:
+  """Checks no builder makes on its own, before anything is built or written."""
+  check_schedule(rounds=config.rounds, cohort_size=config.cohort_size,
+                 batch_size=config.batch_size, local_steps=config.local_steps,
+                 local_epochs=config.local_epochs, eval_every=config.eval_every,
+                 checkpoint_every=config.checkpoint_every,
+                 keep_checkpoints=config.keep_checkpoints)
+  if config.algorithm.hparams is not None:
+    check_hparams(dict(config.algorithm.hparams.items()))
+
+
+# ---- the builder of every algorithm that trains one model on its task loss ----
+
+def loss_builder(factory: Callable[..., Algorithm], **fixed) -> AlgorithmBuilder:
+  """The builder of an algorithm factory ``factory(loss_fn, roles, [params,] *, hparams...,
+  execution)`` (FedAvg, FedProx, FedOpt, FedPer, Local, FFGG): the model's task loss, its
+  roles (and parameters, for a factory that takes them), every keyword hyperparameter of the
+  factory from ``config.algorithm.hparams`` except those in `fixed`; evaluation of the model's
+  loss without dropout on the test data (personalized and global)."""
+  takes_params = "params" in inspect.signature(factory).parameters
+  names = factory_hparams(factory, wired=("loss_fn", "roles", "params"), fixed=fixed)
+
+  def build(config, model: ModelBundle, data: Federation, execution: ClientExecution) -> Built:
+    hp = read_hparams(config, names)
+    if model.loss is None:
+      raise ValueError(f"model {config.model.name!r} has no task loss of its own, so algorithm "
+                       f"{config.algorithm.name!r} cannot train it; use the algorithm its "
+                       "config file names")
+    wired = {"params": model.params} if takes_params else {}
+    alg = factory(model.loss(True), model.roles, execution=execution, **wired, **fixed, **hp)
+    return Built(alg, make_evaluator(model.loss(False), data.test))
+
+  build.hparams = names
+  return build

@@ -1,0 +1,112 @@
+"""A run from a config: the data, model and algorithm tables, and `run`, the library's entry
+point (`launch.py` is flags around it).
+
+  config -> validate_config -> DATASETS[data.name] -> MODELS[model.name]
+         -> algorithms.BUILDERS[algorithm.name] -> fedjax_fm.train.train
+
+Each table maps a config name to a builder of the one signature of `fedjax_fm.builders`; adding
+a data set, a model or an algorithm is a function and one line in its table. Configuration
+mistakes are ValueErrors naming the key and the fix, raised before anything is written.
+"""
+
+from __future__ import annotations
+
+from fedjax_fm import algorithms, distributed, rundir, sharding
+from fedjax_fm.protocol import ClientExecution, default_execution
+from fedjax_fm.algorithms import fedbone_launch, tap_launch
+from fedjax_fm.builders import Built, Federation, ModelBundle, read_hparams, validate_config
+from fedjax_fm.data import builders as data_builders
+from fedjax_fm.models import builders as model_builders
+from fedjax_fm.models.partitioning import param_shardings
+from fedjax_fm.train import train
+
+# config.data.name -> (config) -> Federation
+DATASETS = {
+    "digits": data_builders.digits_data,
+    "shakespeare_play": data_builders.shakespeare_play_data,
+    "digits_vqa": data_builders.digits_vqa_data,
+    "multitask_suite": fedbone_launch.build_data,   # GroupedData: one group per task
+    "tap_suite": tap_launch.suite_data,             # PairedData: one group per modality-task pair
+}
+
+# config.model.name -> (config, Federation) -> ModelBundle
+MODELS = {
+    "mlp": model_builders.small_model,
+    "cnn": model_builders.small_model,
+    "minilm": model_builders.pretrained_encoder,
+    "pretrained": model_builders.pretrained_encoder,
+    "fedbone": fedbone_launch.build_model,
+    "tap": tap_launch.build_model,
+}
+
+
+def _lookup(table, name, what):
+  if name not in table:
+    raise ValueError(f"unknown {what} {name!r}; available: {sorted(table)}")
+  return table[name]
+
+
+def build_data(config) -> Federation:
+  return _lookup(DATASETS, config.data.name, "data set")(config)
+
+
+def build_model(config, data: Federation) -> ModelBundle:
+  return _lookup(MODELS, config.model.name, "model")(config, data)
+
+
+def build_execution(config, mesh) -> ClientExecution:
+  """``config.execution``: a strategy of `ClientExecution`, or ``"auto"``, the measured
+  fastest on this backend (`default_execution`)."""
+  ex = config.execution
+  if ex.strategy == "auto":
+    return default_execution(mesh)
+  return ClientExecution(ex.strategy, ex.chunk_size, ex.scan_unroll, mesh=mesh)
+
+
+def build_algorithm(config, model: ModelBundle, data: Federation,
+                    execution: ClientExecution) -> Built:
+  return algorithms.builder(config.algorithm.name)(config, model, data, execution)
+
+
+def run(config, workdir: str | None = None, *, resume: bool = False, overwrite: bool = False,
+        allow_config_change: bool = False, fallback_checkpoint: bool = False,
+        progress: bool = True) -> list[dict]:
+  """Builds everything from `config` and trains; returns the metric history.
+
+  Args:
+    config: an experiment config (``configs/*.py``).
+    workdir: where the run's files go (none written if None).
+    resume, overwrite, allow_config_change, fallback_checkpoint: see `launch.py`'s flags.
+    progress: show the progress bar and print the summary.
+
+  Raises:
+    ValueError: a configuration mistake, before anything in `workdir` is touched.
+  """
+  validate_config(config)
+  # An unknown algorithm or a missing hyperparameter fails before any data is built.
+  read_hparams(config, algorithms.builder(config.algorithm.name).hparams)
+  data = build_data(config)
+  model = build_model(config, data)
+  mesh = sharding.make_mesh(tuple(tuple(a) for a in config.mesh))
+  built = build_algorithm(config, model, data, build_execution(config, mesh))
+  if config.cohort_size > data.train.num_clients:
+    raise ValueError(f"config.cohort_size={config.cohort_size} is larger than the "
+                     f"{data.train.num_clients} clients of the federation; lower it")
+  if workdir:  # multi-host: process 0 checks and prepares the (shared) workdir for all
+    distributed.on_main(lambda: rundir.prepare(
+        workdir, config.to_json_best_effort(), resume=resume, overwrite=overwrite,
+        allow_config_change=allow_config_change), "preparing the workdir")
+  elif resume:
+    raise ValueError("--resume needs the --workdir of the run to continue")
+  # A mesh with an `fsdp` axis splits the frozen backbone over it (one copy, never per client).
+  shardings = (param_shardings(model.params, mesh, model.roles)
+               if "fsdp" in mesh.axis_names else None)
+  return train(built.algorithm, model.params, data.train, rounds=config.rounds,
+               cohort_size=config.cohort_size, batch_size=config.batch_size,
+               local_steps=config.local_steps, local_epochs=config.local_epochs,
+               seed=config.seed, mesh=mesh, evaluate=built.evaluate,
+               eval_every=config.eval_every, workdir=workdir,
+               checkpoint_every=config.checkpoint_every,
+               keep_checkpoints=config.keep_checkpoints, resume=resume,
+               fallback_checkpoint=fallback_checkpoint, client_groups=data.client_groups,
+               param_shardings=shardings, progress=progress)

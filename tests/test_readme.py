@@ -1,0 +1,66 @@
+"""Every `python launch.py` command of the README runs as written, in its tiny form: the config's
+``tiny`` variant, the workdir under a temporary folder. Cluster commands (srun, gcloud,
+--coordinator, --distributed) need several hosts and are left to `tests/test_multihost.py`."""
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLUSTER = ("--distributed", "--coordinator", "srun ", "gcloud ")
+
+
+def readme_commands():
+  """The README's `python launch.py` lines of ```bash blocks, joined across backslashes."""
+  text = open(os.path.join(ROOT, "README.md")).read()
+  out = []
+  for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+    for line in block.replace("\\\n", " ").splitlines():
+      line = line.split("  #")[0].strip()
+      if "python launch.py" in line and not any(c in line for c in CLUSTER):
+        out.append(line[line.index("python launch.py"):] if "&&" in line else line)
+  return out
+
+
+def tiny_form(command, tmp):
+  """(argv, env): the command with the config's tiny variant and its workdir under `tmp`."""
+  words = shlex.split(command)
+  env = {}
+  while "=" in words[0] and not words[0].startswith("-"):
+    key, value = words.pop(0).split("=", 1)
+    env[key] = value
+  assert words[:2] == ["python", "launch.py"], command
+  args = words[2:]
+  if "--config" not in args:
+    args = ["--config", "configs/default.py"] + args
+  i = args.index("--config") + 1
+  path, _, variant = args[i].partition(":")
+  parts = [p for p in variant.split(",") if p]
+  args[i] = f"{os.path.join(ROOT, path)}:{','.join(['tiny'] + [p for p in parts if p != 'tiny'])}"
+  if "--workdir" in args:
+    j = args.index("--workdir") + 1
+    args[j] = os.path.join(tmp, args[j])
+  return [sys.executable, os.path.join(ROOT, "launch.py")] + args, env
+
+
+def test_the_readme_has_the_commands_a_newcomer_needs():
+  commands = readme_commands()
+  assert any(c == "python launch.py" for c in commands)            # the default experiment
+  assert any("--resume" in c for c in commands)
+  assert len(commands) >= 6
+
+
+def test_every_readme_command_runs_as_written(tmp_path):
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  for command in readme_commands():
+    argv, extra = tiny_form(command, str(tmp_path))
+    proc = subprocess.run(argv, cwd=str(tmp_path), env={**env, **extra}, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, f"{command}\n{proc.stderr[-3000:]}"
+    assert "results: " in proc.stdout, command
+  # The default experiment without --workdir went to a workdir it named.
+  assert [d for d in os.listdir(tmp_path / "runs") if d.startswith("default-tiny-")]
