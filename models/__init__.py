@@ -2,6 +2,11 @@
 
 from fedjax_fm.models.adapters import AdapterConfig, BottleneckAdapter, LoRA, LoRAConfig
 from fedjax_fm.models.cnn import MLP, SimpleCNN
+from fedjax_fm.models.decoder import DecoderConfig, DecoderLM
+from fedjax_fm.models.decoder_generate import generate
+from fedjax_fm.models.decoder_lora import DecoderLoRAConfig, decoder_roles
+from fedjax_fm.models.decoder_loss import causal_lm_loss
+from fedjax_fm.models.decoder_pretrained import from_pretrained_decoder
 from fedjax_fm.models.embedders import (ImageTokenEmbeddings, PatchEmbeddings, TextEmbeddings,
                                         VisionTextEmbeddings)
 from fedjax_fm.models.heads import (AnswerScoringHead, ClassificationHead, DensePredictionHead,
@@ -16,10 +21,12 @@ from fedjax_fm.models.transformer import (BACKBONE_PATTERN, Encoder, Transformer
 
 __all__ = [
     "AdapterConfig", "AnswerScoringHead", "BACKBONE_PATTERN", "BottleneckAdapter",
-    "ClassificationHead", "DensePredictionHead", "Encoder", "ImageReconstructionHead",
+    "ClassificationHead", "DecoderConfig", "DecoderLM", "DecoderLoRAConfig",
+    "DensePredictionHead", "Encoder", "ImageReconstructionHead",
     "ImageTokenEmbeddings", "LoRA",
     "LoRAConfig", "MLP", "PatchEmbeddings", "SimpleCNN", "TextEmbeddings", "TokenPredictionHead",
     "TransformerConfig", "TransformerModel", "VisionTextEmbeddings", "build_head",
-    "classification_loss", "config_from_hf", "from_pretrained", "functional",
+    "causal_lm_loss", "classification_loss", "config_from_hf", "decoder_roles",
+    "from_pretrained", "from_pretrained_decoder", "functional", "generate",
     "param_shardings", "parameter_component", "shard_params", "transformer_roles",
 ]

@@ -13,7 +13,7 @@ LoRA factors are fresh (seeded), initialised inside one jit that computes nothin
 
 Example::
 
-    mesh = jax.make_mesh((8,), ("fsdp",))
+    mesh = fedjax_fm.sharding.make_mesh((("clients", 1), ("fsdp", 8)))
     model = from_pretrained_decoder("/models/Llama-3.2-1B", dtype=jnp.bfloat16, mesh=mesh,
                                     lora={"rank": 16, "alpha": 32.0, "targets": ("q", "v")})
     logits = model(input_ids, attention_mask)
@@ -158,8 +158,9 @@ def from_pretrained_decoder(path: str, *, dtype: Any = jnp.float32, param_dtype:
     param_dtype: backbone storage dtype; defaults to `dtype` (bf16 compute gives a bf16 frozen
       backbone). LoRA factors keep their own dtype (float32).
     lora: `decoder_lora.DecoderLoRAConfig` or a dict of its fields; fresh, zero at init.
-    mesh: place the parameters on this mesh: the frozen backbone sharded over `axis` along each
-      matrix's largest divisible dimension, everything else replicated. None: default device.
+    mesh: place the parameters on this mesh (automatic axes, as `fedjax_fm.sharding.make_mesh`
+      builds): the frozen backbone sharded over `axis` along each matrix's largest divisible
+      dimension, everything else replicated. None: the default device.
     axis: the FSDP mesh axis name.
     seed: initialises the LoRA factors.
     config_overrides: `DecoderConfig` fields replacing those read, e.g. ``{"remat": "full"}``.
@@ -178,7 +179,10 @@ def from_pretrained_decoder(path: str, *, dtype: Any = jnp.float32, param_dtype:
   build = lambda: DecoderLM(config, lora=lora, rngs=nnx.Rngs(seed))
   graphdef, state = nnx.split(nnx.eval_shape(build))
   shapes = nnx.to_pure_dict(state)
-  roles = decoder_lora.decoder_roles(shapes, trainable=())  # the whole backbone is frozen
+  # The checkpoint's part is frozen and FSDP-sharded; fresh LoRA factors are replicated.
+  roles = jax.tree_util.tree_map_with_path(
+      lambda p, _: roles_lib.FROZEN if decoder_lora.decoder_component(roles_lib.leaf_path(p))
+      == "backbone" else roles_lib.SHARED, shapes)
   if mesh is None:
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shardings = jax.tree_util.tree_map(lambda _: device, shapes)

@@ -37,6 +37,7 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 from fedjax_fm import roles as roles_lib
+from fedjax_fm.models.decoder import DECODER_MODEL_TYPES
 from fedjax_fm.models.tasks import functional
 from fedjax_fm.models.transformer import TransformerConfig, TransformerModel, parameter_component
 
@@ -420,6 +421,10 @@ def from_pretrained(path: str, *, adapters: Any = None, lora: Any = None, head: 
                     image: Mapping[str, int] | None = None) -> TransformerModel:
   """A `TransformerModel` with the weights of a local Hugging Face checkpoint folder.
 
+  A decoder checkpoint (model_type llama, mistral, qwen2, qwen3) gives a `decoder.DecoderLM`
+  instead (`decoder_pretrained.from_pretrained_decoder`: `lora`, `dtype`, `param_dtype`, `seed`
+  and `config_overrides` apply), whose call returns logits ``[B, T, vocab]``.
+
   The model's call on ``(input_ids, attention_mask, token_type_ids)`` (BERT, RoBERTa, MiniLM),
   ``pixel_values=`` NHWC images (ViT) or both (ViLT) returns the last hidden state, the same as
   transformers' ``AutoModel(...).last_hidden_state``; with a head it returns the head's output.
@@ -455,6 +460,13 @@ def from_pretrained(path: str, *, adapters: Any = None, lora: Any = None, head: 
       keys, unexpected keys, shape mismatches), or `image` given for a non-text checkpoint.
   """
   hf = read_hf_config(path)
+  if hf.get("model_type") in DECODER_MODEL_TYPES:
+    if adapters is not None or head is not None or image is not None:
+      raise ValueError(f"{path} is a {hf['model_type']} decoder; it takes lora= but not "
+                       "adapters=, head= or image=")
+    from fedjax_fm.models.decoder_pretrained import from_pretrained_decoder  # imports us
+    return from_pretrained_decoder(path, dtype=dtype, param_dtype=param_dtype, lora=lora,
+                                   seed=seed, config_overrides=config_overrides)
   config = config_from_hf(hf, path=path, dtype=dtype, param_dtype=param_dtype)
   if config_overrides:
     unknown = sorted(set(config_overrides) - {f.name for f in dataclasses.fields(config)})
