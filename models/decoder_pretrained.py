@@ -69,8 +69,8 @@ PARAMETER_MAP: dict[str, tuple[str, Callable[[np.ndarray], np.ndarray]]] = {
     "layers/mlp/down/kernel": ("mlp.down_proj.weight", _transpose),
 }
 _LAYER_PREFIX = "model.layers.{}."
-# Checkpoint entries the model does not use: RoPE buffers (recomputed from the config) and, in a
-# tied model, a saved copy of the embedding as lm_head.
+# Checkpoint entries the model does not use: RoPE buffers (recomputed from the config). A tied
+# model also ignores a saved copy of the embedding as lm_head.weight (see the loader).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 

@@ -95,10 +95,13 @@ def test_from_pretrained_dispatches_decoders_with_lora(checkpoints):
   params = {roles_lib.leaf_path(p): x for p, x in
             jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(model)))}
   assert "lm_head/kernel" not in params and "layers/mlp/lora_down/b" in params
-  ids, mask = _batch()
-  got = np.asarray(forward(model, jnp.asarray(ids), jnp.asarray(mask)))  # zero LoRA: the base
-  np.testing.assert_allclose(got[mask > 0], _torch_logits(torch_model, ids, mask)[mask > 0],
-                             atol=1e-4)
+  np.testing.assert_array_equal(params["layers/mlp/lora_down/b"], 0.0)
+  # The backbone is the checkpoint's (the logits are compared in the parity test).
+  state = torch_model.state_dict()
+  np.testing.assert_array_equal(params["layers/attention/q/bias"][1],
+                                state["model.layers.1.self_attn.q_proj.bias"].numpy())
+  np.testing.assert_array_equal(params["layers/mlp/down/kernel"][0],
+                                state["model.layers.0.mlp.down_proj.weight"].numpy().T)
 
 
 def test_sharded_bf16_checkpoint_loads(checkpoints, tmp_path):
@@ -121,20 +124,19 @@ def test_sharded_bf16_checkpoint_loads(checkpoints, tmp_path):
 
 
 def test_fsdp_mesh_shards_the_backbone_and_keeps_the_logits(checkpoints):
-  _, folder = checkpoints["llama"]
+  torch_model, folder = checkpoints["llama"]
   mesh = sharding.make_mesh((("clients", 1), ("fsdp", 8)))
   lora = {"rank": 2, "targets": ("q", "v")}
   sharded = from_pretrained_decoder(folder, mesh=mesh, lora=lora)
-  plain = from_pretrained_decoder(folder, lora=lora)
   kernel = sharded.layers.mlp.up.kernel[...]  # [layers, 32, 64]: 64 split over 8 devices
   assert kernel.sharding.spec == P(None, None, "fsdp")
   assert kernel.addressable_shards[0].data.shape == (2, 32, 8)
-  assert sharded.layers.attention.lora_q.a[...].sharding.spec == P()  # LoRA replicated
-  np.testing.assert_array_equal(sharded.layers.attention.lora_q.a[...],
-                                plain.layers.attention.lora_q.a[...])  # same seed, same init
+  lora_a = sharded.layers.attention.lora_q.a[...]
+  assert lora_a.sharding.spec == P() and float(jnp.abs(lora_a).min()) > 0  # replicated, random
   ids, mask = _batch()
-  np.testing.assert_allclose(forward(sharded, jnp.asarray(ids), jnp.asarray(mask)),
-                             forward(plain, jnp.asarray(ids), jnp.asarray(mask)), atol=1e-5)
+  got = np.asarray(forward(sharded, jnp.asarray(ids), jnp.asarray(mask)))
+  diff = np.abs(got - _torch_logits(torch_model, ids, mask))[mask > 0].max()
+  assert diff < 1e-4, diff  # zero LoRA B: the checkpoint's logits
 
 
 def test_greedy_generation_matches_transformers_generate(checkpoints):
