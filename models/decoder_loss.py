@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 IGNORE_INDEX = -100  # transformers' label for "no loss here"
 
@@ -96,3 +97,20 @@ def causal_lm_loss(model, input_ids: jax.Array, attention_mask: jax.Array | None
   targets = jnp.where(targets == IGNORE_INDEX, 0, targets)
   return chunked_cross_entropy(hidden[:, :-1], model.head_matrix(), targets, weights,
                                chunk_size, dtype=model.config.dtype)
+
+
+def lm_loss_fn(graphdef, *, chunk_size: int = 256, input_key: str = "input_ids",
+               mask_key: str = "attention_mask"):
+  """The engine's ``loss_fn(params, batch, rng) -> (loss [B], {"accuracy": [B]})`` of a
+  `DecoderLM` (`fedjax_fm.protocol.LossFn`): next-token cross-entropy over the batch's
+  ``input_ids`` and ``attention_mask``, in chunks of `chunk_size` positions, so every algorithm
+  that trains a model on its task loss (FedAvg, FedProx, FedPer, Local, FFGG) trains a decoder's
+  LoRA unchanged. ``exp(loss)`` is the per-example perplexity."""
+  def loss_fn(params, batch, rng):
+    del rng  # the decoder has no dropout
+    model = nnx.merge(graphdef, params)
+    loss, accuracy = causal_lm_loss(model, batch[input_key], batch[mask_key],
+                                    chunk_size=chunk_size)
+    return loss, {"accuracy": accuracy}
+
+  return loss_fn
