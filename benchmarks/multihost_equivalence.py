@@ -98,9 +98,10 @@ def main(argv=None):
   os.makedirs(args.workdir, exist_ok=True)
   rows = []
   for seed in seeds:
-    common = ["--config", args.config, f"--config.rounds={args.rounds}",
-              f"--config.seed={seed}", f"--config.algorithm.name={args.algorithm}",
-              "--overwrite", *args.override]
+    # The algorithm is picked by the config argument, with all its hyperparameters.
+    config = f"{args.config}{',' if ':' in args.config else ':'}{args.algorithm}"
+    common = ["--config", config, f"--config.rounds={args.rounds}",
+              f"--config.seed={seed}", "--overwrite", *args.override]
     single = os.path.join(args.workdir, f"{args.name}_single_s{seed}")
     multi = os.path.join(args.workdir, f"{args.name}_multi_s{seed}")
     procs = [_launch(common + [f"--workdir={single}"], 4, single + ".log")]

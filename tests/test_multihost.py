@@ -25,8 +25,8 @@ from fedjax_fm.cohort import PADDING_ID, Cohort
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # FedPer on tiny digits: 8 clients with personal heads (client state sharded across the hosts),
 # cohorts of 4 (one client per device), evaluation with per-client arrays at round 2 and 4.
-RUN = ["--config", os.path.join(ROOT, "configs", "digits.py") + ":tiny",
-       "--config.algorithm.name=fedper", "--config.checkpoint_every=2",
+RUN = ["--config", os.path.join(ROOT, "configs", "digits.py") + ":tiny,fedper",
+       "--config.checkpoint_every=2",
        "--config.eval_every=2"]
 # A hang guard, not a timing assertion: past this, every process still running is killed and the
 # test fails. Alone on 2 cores each launch takes well under a minute; the margin is for CI

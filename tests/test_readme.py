@@ -40,11 +40,19 @@ def tiny_form(command, tmp):
   i = args.index("--config") + 1
   path, _, variant = args[i].partition(":")
   parts = [p for p in variant.split(",") if p]
-  args[i] = f"{os.path.join(ROOT, path)}:{','.join(['tiny'] + [p for p in parts if p != 'tiny'])}"
+  variant = ",".join(["tiny"] + [p for p in parts if p != "tiny"])
+  args[i] = f"{os.path.join(ROOT, path)}:{variant}"
   if "--workdir" in args:
     j = args.index("--workdir") + 1
     args[j] = os.path.join(tmp, args[j])
   return [sys.executable, os.path.join(ROOT, "launch.py")] + args, env
+
+
+def test_the_readme_python_example_runs(capsys):
+  text = open(os.path.join(ROOT, "README.md")).read()
+  (example,) = re.findall(r"```python\n(.*?)```", text, re.S)
+  exec(compile(example, "README.md", "exec"), {})  # pylint: disable=exec-used
+  assert "round 30: train loss" in capsys.readouterr().out
 
 
 def test_the_readme_has_the_commands_a_newcomer_needs():
