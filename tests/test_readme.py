@@ -64,8 +64,15 @@ def test_the_readme_has_the_commands_a_newcomer_needs():
 
 def test_every_readme_command_runs_as_written(tmp_path):
   env = dict(os.environ, PYTHONPATH=ROOT)
+  done = set()
   for command in readme_commands():
     argv, extra = tiny_form(command, str(tmp_path))
+    # Commands whose tiny forms differ only in the workdir (the README's GPU line is the
+    # default experiment again) run once.
+    key = tuple(a for a in argv if a != "--workdir" and not a.startswith(str(tmp_path)))
+    if key in done and "--resume" not in argv:
+      continue
+    done.add(key)
     proc = subprocess.run(argv, cwd=str(tmp_path), env={**env, **extra}, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, f"{command}\n{proc.stderr[-3000:]}"
