@@ -16,6 +16,7 @@ from fedjax_fm.protocol import ClientExecution, default_execution
 from fedjax_fm.algorithms import fedbone_launch, tap_launch
 from fedjax_fm.builders import Built, Federation, ModelBundle, read_hparams, validate_config
 from fedjax_fm.data import builders as data_builders
+from fedjax_fm.data import lm as lm_data
 from fedjax_fm.models import builders as model_builders
 from fedjax_fm.models.partitioning import param_shardings
 from fedjax_fm.train import train
@@ -27,6 +28,7 @@ DATASETS = {
     "digits_vqa": data_builders.digits_vqa_data,
     "multitask_suite": fedbone_launch.build_data,   # GroupedData: one group per task
     "tap_suite": tap_launch.suite_data,             # PairedData: one group per modality-task pair
+    "synthetic_lm": lm_data.synthetic_lm_data,      # token sequences for decoder LMs
 }
 
 # config.model.name -> (config, Federation) -> ModelBundle
@@ -37,6 +39,7 @@ MODELS = {
     "pretrained": model_builders.pretrained_encoder,
     "fedbone": fedbone_launch.build_model,
     "tap": tap_launch.build_model,
+    "decoder": model_builders.decoder_model,        # Llama/Mistral/Qwen with LoRA
 }
 
 

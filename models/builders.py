@@ -8,12 +8,18 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from fedjax_fm import assets, roles
 from fedjax_fm.builders import Federation, ModelBundle
 from fedjax_fm.models.cnn import MLP, SimpleCNN
+from fedjax_fm.models.decoder import DecoderConfig, DecoderLM
+from fedjax_fm.models.decoder_lora import decoder_component, decoder_lora_config, decoder_roles
+from fedjax_fm.models.decoder_loss import lm_loss_fn
+from fedjax_fm.models.decoder_pretrained import from_pretrained_decoder
 from fedjax_fm.models.pretrained import from_pretrained
 from fedjax_fm.models.tasks import classification_loss, functional
 from fedjax_fm.models.transformer import transformer_roles
@@ -79,3 +85,101 @@ def pretrained_encoder(config, data: Federation) -> ModelBundle:
   role_tree = transformer_roles(params, trainable=tuple(m.trainable),
                                 personal=tuple(m.personal))
   return _classifier(graphdef, params, role_tree, VISION_TEXT_INPUTS if image else TEXT_INPUTS)
+
+
+# ---- decoder LLMs (Llama, Mistral, Qwen2/3) with LoRA ----
+
+DECODER_KEYS = ("path", "shape", "lora", "trainable", "personal", "dtype", "param_dtype",
+                "remat", "loss_chunk")
+DECODER_INPUTS = ("input_ids", "attention_mask")
+
+
+def _decoder_knobs(config) -> dict:
+  """``config.model``'s decoder knobs, every one required (no defaults in code)."""
+  m = config.model
+  missing = [k for k in DECODER_KEYS if k not in m]
+  if missing:
+    raise ValueError(f"model 'decoder' reads config.model.{missing[0]}"
+                     f"{f' (and {missing[1:]})' if missing[1:] else ''}, which the config does "
+                     f"not set; a decoder config sets all of {list(DECODER_KEYS)} (see "
+                     "configs/llm_tiny.py)")
+  knobs = {k: m[k] for k in DECODER_KEYS}
+  if (knobs["path"] is None) == (knobs["shape"] is None):
+    raise ValueError("set exactly one of config.model.path (a local Hugging Face decoder "
+                     "folder) and config.model.shape (DecoderConfig fields of a random model); "
+                     "the other None")
+  for key in ("dtype", "param_dtype"):
+    if knobs[key] not in DTYPES:
+      raise ValueError(f"unknown config.model.{key} {knobs[key]!r}; use one of "
+                       f"{sorted(DTYPES)}")
+  if knobs["lora"] is None:
+    raise ValueError("config.model.lora must set rank, alpha and targets (federated "
+                     "fine-tuning of a decoder trains LoRA)")
+  if isinstance(knobs["loss_chunk"], bool) or not isinstance(knobs["loss_chunk"], int) or \
+      knobs["loss_chunk"] < 1:
+    raise ValueError(f"config.model.loss_chunk must be a positive integer (sequence positions "
+                     f"per vocabulary cross-entropy chunk), got {knobs['loss_chunk']!r}")
+  return knobs
+
+
+def random_decoder(config: DecoderConfig, lora, seed: int) -> DecoderLM:
+  """A `DecoderLM` of `config` with numpy-random values drawn from the module's own init
+  distributions: N(0, 0.02) matrices (transformers' initializer_range), unit norm scales, zero
+  biases, LoRA ``a`` ~ N(0, 1/in) and ``b`` = 0 (`adapters.LoRA`: the fresh model computes the
+  backbone's function).
+
+  No jit at all: XLA:CPU compiles every threefry draw of a module's init separately (~0.3 s
+  each), so even a tiny model's jitted init costs seconds; tests and CI build this one free."""
+  build = lambda: DecoderLM(config, lora=lora, rngs=nnx.Rngs(seed))
+  graphdef, shapes = nnx.split(nnx.eval_shape(build))
+  rng = np.random.RandomState(seed)
+
+  def fill(path, x):
+    p = roles.leaf_path(path)
+    if p.endswith("/scale"):
+      value = np.ones(x.shape)
+    elif p.endswith("/bias") or (decoder_component(p) != "backbone" and p.endswith("/b")):
+      value = np.zeros(x.shape)
+    elif decoder_component(p) != "backbone":  # LoRA a [L, in, r]
+      value = rng.standard_normal(x.shape) / np.sqrt(x.shape[-2])
+    else:
+      value = 0.02 * rng.standard_normal(x.shape)
+    return jnp.asarray(value, x.dtype)
+
+  return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(fill, nnx.to_pure_dict(shapes)))
+
+
+def decoder_model(config, data: Federation) -> ModelBundle:
+  """A decoder LM with LoRA (``model.name`` ``"decoder"``), trained on next-token loss.
+
+  Reads, all required: ``model.path`` (a local Hugging Face llama/mistral/qwen2/qwen3 folder)
+  or ``model.shape`` (`DecoderConfig` fields of a numpy-random model, for tests and CI), the
+  other None; ``model.lora`` (rank, alpha, targets); ``model.trainable`` / ``model.personal``
+  (`decoder_roles` components, e.g. ``("lora",)`` and ``("lora_down",)``); ``model.dtype``
+  (compute) and ``model.param_dtype`` (the frozen backbone's storage; LoRA stays float32);
+  ``model.remat`` (a key of `decoder.REMAT_POLICIES`); ``model.loss_chunk`` (positions per
+  vocabulary cross-entropy chunk). The batch keys are ``input_ids`` and ``attention_mask``.
+  """
+  del data  # the vocabulary comes from the model; the tokens must fit it
+  k = _decoder_knobs(config)
+  lora = decoder_lora_config(dict(k["lora"].to_dict() if hasattr(k["lora"], "to_dict")
+                                  else k["lora"]))
+  dtype, param_dtype = DTYPES[k["dtype"]], DTYPES[k["param_dtype"]]
+  if k["path"] is not None:
+    model = from_pretrained_decoder(k["path"], dtype=dtype, param_dtype=param_dtype, lora=lora,
+                                    seed=config.seed, config_overrides={"remat": k["remat"]})
+  else:
+    shape = k["shape"].to_dict() if hasattr(k["shape"], "to_dict") else dict(k["shape"])
+    clash = sorted(set(shape) & {"dtype", "param_dtype", "remat"})
+    if clash:
+      raise ValueError(f"config.model.shape sets {clash}; set them as config.model.{clash[0]}")
+    model = random_decoder(DecoderConfig(**shape, dtype=dtype, param_dtype=param_dtype,
+                                         remat=k["remat"]), lora, config.seed)
+  graphdef, params = functional(model)
+  role_tree = decoder_roles(params, trainable=tuple(k["trainable"]),
+                            personal=tuple(k["personal"]))
+  chunk = int(k["loss_chunk"])
+  return ModelBundle(params=params, roles=role_tree, graphdef=graphdef,
+                     input_keys=DECODER_INPUTS,
+                     loss=lambda train: lm_loss_fn(graphdef, chunk_size=chunk),
+                     extras={"decoder_config": model.config})
