@@ -9,6 +9,7 @@ algorithm, one 8-device rerun.
 """
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ from fedjax_fm.algorithms import fedavg, fedper, fedprox, ffgg, local_only
 from fedjax_fm.builders import Federation
 from fedjax_fm.data import lm as lm_data
 from fedjax_fm.models import builders as model_builders
+from fedjax_fm.models import decoder_sub_fm
 from fedjax_fm.protocol import ClientExecution
 from fedjax_fm.runner import RoundRunner, padded_rows
 
@@ -220,3 +222,31 @@ def test_synthetic_dialects_follow_their_rule_and_pad_right():
     real = (mask[:, 1:] * mask[:, :-1]).astype(bool)
     assert np.all(step[real] == 1 + c % 2)
   assert isinstance(experiment.build_data(_config()), Federation)
+
+
+def test_decoder_sub_fm_keeps_salient_swiglu_neurons_stacked_and_runs_on_the_fm_graph(bundle,
+                                                                                     federation):
+  params = bundle.params
+  mlp = params["layers"]["mlp"]
+  sub = decoder_sub_fm.compress_decoder_ffn(params, keep_neurons=12)
+  got = sub["layers"]["mlp"]
+  assert got["gate"]["kernel"].shape == got["up"]["kernel"].shape == (2, 32, 12)
+  assert got["down"]["kernel"].shape == (2, 12, 32) and got["lora_down"]["a"].shape == (2, 12, 4)
+  assert decoder_sub_fm.ffn_fraction(params, sub) < 1
+  # Layer by layer, the kept neurons are the top-12 by ||[gate col, up col, down row]||.
+  for layer in range(2):
+    s = np.sqrt((np.asarray(mlp["gate"]["kernel"][layer]) ** 2).sum(0) +
+                (np.asarray(mlp["up"]["kernel"][layer]) ** 2).sum(0) +
+                (np.asarray(mlp["down"]["kernel"][layer]) ** 2).sum(1))
+    keep = np.sort(np.argsort(-s)[:12])
+    np.testing.assert_array_equal(got["down"]["kernel"][layer],
+                                  np.asarray(mlp["down"]["kernel"][layer])[keep])
+    np.testing.assert_array_equal(got["lora_down"]["a"][layer],
+                                  np.asarray(mlp["lora_down"]["a"][layer])[keep])
+  # Keeping every neuron is the identity; the narrower tree runs on the FM's own graphdef.
+  full = decoder_sub_fm.compress_decoder_ffn(params, keep_neurons=48)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, full, params)
+  batch = {k: jnp.asarray(v[:4]) for k, v in federation.train.arrays.items()}
+  loss = jax.jit(lambda p: bundle.loss(False)(p, batch, None)[0],
+                 compiler_options={"xla_backend_optimization_level": "0"})
+  assert np.all(np.isfinite(loss(sub)))
