@@ -77,9 +77,8 @@ import argparse
 import dataclasses
 import json
 import math
-import resource
 import time
-from typing import Any, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
