@@ -65,7 +65,18 @@ Communication (`bytes_per_client`, per round, amortised): down = LoRA + head plu
 the FFN output biases and LayerNorms); up = LoRA + head plus the activation counts divided by
 `align_every`. The one-time download of the sub-FM itself is reported by `size_report`.
 
-This file holds the algorithm (`fedpft`, its server state `ProxyState`). The sub-FM itself
+Decoder LLMs (issue 15): what is model-specific (building the sub-FM, the clients' view of the
+shared parameters and plugging them back, the task loss) is a `ProxyModel`; `encoder_proxy` is
+the above and the default, `decoder_proxy` a `DecoderLM`'s: every stacked layer keeps its
+`keep_neurons` most salient SwiGLU neurons (`fedjax_fm.models.decoder_sub_fm`), LoRA on
+gate/up/down is cut to them on the clients and written back into the FM's LoRA at those
+neurons, and the loss is the decoder's next-token loss. Not supported on the decoder yet:
+``retained_layers`` (the layers are stacked) and both alignments (they need per-layer hidden
+states and FFN activations the scanned decoder does not return), so ``layer_align_steps=0,
+align_every=0`` (FedOT-like) or ``keep_neurons=None``; asking for more raises ValueError.
+
+This file holds the algorithm (`fedpft`, its server state `ProxyState`, `ProxyModel` with
+`encoder_proxy` and `decoder_proxy`). The sub-FM itself
 (`compress_ffn`, `with_sub_ffn`, `size_report`, `model_forward`) is `fedjax_fm.models.sub_fm`;
 the alignment losses, masks and distiller are `fedjax_fm.algorithms.fedpft_alignment`;
 `fedjax_fm.algorithms.fedpft_launch` wires a config to this algorithm for launch.py.
@@ -73,7 +84,7 @@ the alignment losses, masks and distiller are `fedjax_fm.algorithms.fedpft_align
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -87,6 +98,7 @@ from fedjax_fm.protocol import (Algorithm, ClientExecution, ServerState, default
 from fedjax_fm.algorithms.fedpft_alignment import (default_align_optimizer, least_active_mask,
                                                    make_distiller, neuron_update_mask)
 from fedjax_fm.cohort import Cohort
+from fedjax_fm.models import decoder_sub_fm
 from fedjax_fm.models.sub_fm import Forward, compress_ffn, with_sub_ffn
 from fedjax_fm.roles import FROZEN, PERSONAL, SHARED
 
@@ -113,8 +125,12 @@ class ProxyState:
   layer_alignment: jax.Array
 
 
-def _check_roles(params: PyTree, roles: PyTree):
+def _check_roles(params: PyTree, roles: PyTree, retained_layers: Sequence[int] = ()):
   """Only LoRA on attention and the head may be trained: the sub-FM's FFN is not the FM's."""
+  del retained_layers  # `compress_ffn` checks them
+  if "encoder" not in params or "layers" not in params["encoder"]:
+    raise ValueError("FedPFT needs a TransformerModel's parameters (encoder/layers/...); for "
+                     "a DecoderLM pass fedpft(decoder_proxy(loss_fn), ...)")
   for path, role in jax.tree_util.tree_leaves_with_path(roles):
     p = roles_lib.leaf_path(path)
     if role == PERSONAL:
@@ -123,11 +139,131 @@ def _check_roles(params: PyTree, roles: PyTree):
     if role == SHARED and ("/mlp/" in p or "/mlp_norm/" in p):
       raise ValueError(f"{p} is trained, but the sub-FM's FFN differs from the FM's; train "
                        "LoRA on attention only (LoRAConfig(targets=('q', 'k', 'v', 'o')))")
-  if "encoder" not in params or "layers" not in params["encoder"]:
-    raise ValueError("FedPFT needs a TransformerModel's parameters (encoder/layers/...)")
 
 
-def fedpft(forward: Forward, roles: PyTree, params: PyTree, *,
+class ProxyModel(NamedTuple):
+  """How FedPFT builds, trains and plugs back the sub-FM of one model family.
+
+  `encoder_proxy` (a `TransformerModel`, the default and the paper's setting) and
+  `decoder_proxy` (a `DecoderLM`) implement it; `fedpft` itself is the same for both.
+
+  Attributes:
+    name: for messages.
+    check: (params, roles, retained_layers) -> None; raises ValueError for what the family
+      cannot train on a sub-FM.
+    compress: (FM params, keep_neurons, retained_layers) -> the sub-FM's state
+      (``ProxyState.sub_ffn``); jit-able, `keep_neurons` and `retained_layers` static.
+    with_sub: (an FM tree, e.g. its frozen part from `roles.select`, sub state) -> the sub-FM's
+      tree (what clients run on).
+    cut_shared: (the FM's shared parameters, sub state) -> the sub-FM's shared parameters
+      (what clients train and send back).
+    plug_shared: (the FM's shared parameters, the sub-FM's shared parameters, sub state) -> the
+      FM's shared parameters with the sub-FM's plugged in.
+    task: (params, batch, rng) -> (per-example loss [B], per-example accuracy [B], per-layer
+      FFN activations [B, T, F] or None).
+    compressed_layers: (sub state, or its shapes) -> the layers whose activity is counted and
+      neuron-aligned (`task`'s activation indices); () counts nothing.
+    forward: the `Forward` the alignment distils through; None: alignment is not supported.
+  """
+  name: str
+  check: Callable[[PyTree, PyTree, Sequence[int]], None]
+  compress: Callable[[PyTree, int, tuple[int, ...]], PyTree]
+  with_sub: Callable[[PyTree, PyTree], PyTree]
+  cut_shared: Callable[[PyTree, PyTree], PyTree]
+  plug_shared: Callable[[PyTree, PyTree, PyTree], PyTree]
+  task: Callable[[PyTree, Mapping[str, jax.Array], jax.Array | None],
+                 tuple[jax.Array, jax.Array, Sequence[jax.Array] | None]]
+  compressed_layers: Callable[[PyTree], tuple[int, ...]]
+  forward: Forward | None
+
+
+def encoder_proxy(forward: Forward, label_key: str = "y") -> ProxyModel:
+  """FedPFT on a `TransformerModel` (the paper's setting): per-layer `compress_ffn`, LoRA on
+  attention and the head (the same shapes on the sub-FM and the FM, so plugging back is the
+  identity), classification cross-entropy on `forward`'s logits, alignment supported."""
+  def task(params, batch, rng):
+    logits, inter = forward(params, batch, rng)
+    labels = batch[label_key]
+    per_example = optax.softmax_cross_entropy_with_integer_labels(
+        logits.astype(jnp.float32), labels)
+    return per_example, jnp.argmax(logits, -1) == labels, inter["ffn_activations"]
+
+  return ProxyModel(name="encoder", check=_check_roles, compress=compress_ffn,
+                    with_sub=with_sub_ffn, cut_shared=lambda shared, sub: shared,
+                    plug_shared=lambda full, shared, sub: shared, task=task,
+                    compressed_layers=lambda sub: tuple(sorted(sub)), forward=forward)
+
+
+_SWIGLU = ("gate", "up", "down")
+
+
+def _check_decoder_roles(params: PyTree, roles: PyTree, retained_layers: Sequence[int] = ()):
+  """A `DecoderLM`'s tree, nothing personal, the cut MLP kernels frozen, no retained layers."""
+  mlp = params.get("layers", {}).get("mlp", {}) if isinstance(params, Mapping) else {}
+  if not all(n in mlp for n in _SWIGLU):
+    raise ValueError("decoder_proxy needs a DecoderLM's parameters (layers/mlp/{gate,up,down})")
+  if tuple(retained_layers):
+    raise ValueError(f"retained_layers={tuple(retained_layers)}, but a DecoderLM's layers are "
+                     "stacked [L, ...] and every layer keeps keep_neurons neurons; use "
+                     "retained_layers=()")
+  for path, role in jax.tree_util.tree_leaves_with_path(roles):
+    p = roles_lib.leaf_path(path)
+    if role == PERSONAL:
+      raise ValueError(f"FedPFT keeps no personal parameters, but {p} is personal; make it "
+                       "shared (decoder_roles(params, trainable=('lora',), personal=()))")
+    if role == SHARED and any(p.startswith(f"layers/mlp/{n}/") for n in _SWIGLU):
+      raise ValueError(f"{p} is trained, but the sub-FM's MLP kernels are cut from the FM's; "
+                       "train LoRA only (decoder_roles(params, trainable=('lora',)))")
+
+
+def decoder_proxy(loss_fn) -> ProxyModel:
+  """FedPFT on a `DecoderLM`: its sub-FM keeps, in every (stacked) layer, the `keep_neurons`
+  most salient SwiGLU neurons (`decoder_sub_fm.salient_neurons`); clients train LoRA on any
+  target, LoRA on gate/up/down cut to the kept neurons (`decoder_sub_fm.cut_decoder_ffn`), with
+  `loss_fn` (`decoder_loss.lm_loss_fn(graphdef)`: the FM's graph runs the narrower arrays); the
+  aggregated LoRA is written back into the FM's at the kept neurons, the other neurons' LoRA
+  slices staying as they were (`decoder_sub_fm.plug_decoder_ffn`).
+
+  The sub state (``ProxyState.sub_ffn``) is ``{"neurons": [L, k] int32, "ffn": {gate, up,
+  down: {"kernel"}}}``, the kept neurons and the cut frozen kernels. Not supported yet: the
+  layer- and neuron-level alignment (they distil per-layer hidden states and count per-neuron
+  activity, which the scanned decoder does not return), so FedPFT runs on a decoder with
+  ``layer_align_steps=0, align_every=0`` (the FedOT-like sub-FM) or ``keep_neurons=None`` (the
+  full FM); ``retained_layers`` must be () (the layers are stacked).
+  """
+  def compress(params, keep_neurons, retained_layers=()):
+    del retained_layers  # () by `check`
+    neurons = decoder_sub_fm.salient_neurons(params, keep_neurons)
+    cut = decoder_sub_fm.cut_decoder_ffn(params, neurons)["layers"]["mlp"]
+    return {"neurons": neurons, "ffn": {n: {"kernel": cut[n]["kernel"]} for n in _SWIGLU}}
+
+  def with_sub(tree, sub):
+    if not sub:
+      return tree
+    mlp = {k: ({**v, "kernel": None} if k in _SWIGLU else v)
+           for k, v in tree["layers"]["mlp"].items()}
+    cut = decoder_sub_fm.cut_decoder_ffn({**tree, "layers": {**tree["layers"], "mlp": mlp}},
+                                         sub["neurons"])  # LoRA on gate/up/down, if frozen
+    mlp = {k: ({**v, "kernel": sub["ffn"][k]["kernel"]} if k in _SWIGLU else v)
+           for k, v in cut["layers"]["mlp"].items()}
+    return {**cut, "layers": {**cut["layers"], "mlp": mlp}}
+
+  def cut_shared(shared, sub):
+    return decoder_sub_fm.cut_decoder_ffn(shared, sub["neurons"]) if sub else shared
+
+  def plug_shared(full, shared, sub):
+    return decoder_sub_fm.plug_decoder_ffn(full, shared, sub["neurons"]) if sub else shared
+
+  def task(params, batch, rng):
+    loss, aux = loss_fn(params, batch, rng)
+    return loss, aux["accuracy"], None
+
+  return ProxyModel(name="decoder", check=_check_decoder_roles, compress=compress,
+                    with_sub=with_sub, cut_shared=cut_shared, plug_shared=plug_shared,
+                    task=task, compressed_layers=lambda sub: (), forward=None)
+
+
+def fedpft(forward: Forward | ProxyModel, roles: PyTree, params: PyTree, *,
            keep_neurons: int | None,
            retained_layers: Sequence[int] = (),
            public: Mapping[str, np.ndarray] | None = None,
@@ -158,9 +294,18 @@ def fedpft(forward: Forward, roles: PyTree, params: PyTree, *,
                    keep_neurons=64, retained_layers=(0,), public=public_arrays,
                    layer_align_steps=100, align_every=2, align_steps=20)
 
+  On a `DecoderLM` (issue 15) the same algorithm runs through `decoder_proxy`::
+
+      loss_fn = lm_loss_fn(graphdef)            # or ModelBundle.loss(True)
+      alg = fedpft(decoder_proxy(loss_fn), decoder_roles(params, trainable=("lora",)), params,
+                   keep_neurons=2048)           # no alignment, retained_layers=() (see there)
+
   Args:
-    forward: (params, batch, rng) -> (logits, intermediates) (`model_forward`).
-    roles: LoRA (attention only) and head shared, everything else frozen.
+    forward: (params, batch, rng) -> (logits, intermediates) (`model_forward`) of a
+      `TransformerModel`, i.e. ``encoder_proxy(forward, label_key)``; or a `ProxyModel`
+      (`decoder_proxy`) for another model family.
+    roles: LoRA (attention only) and head shared, everything else frozen (a decoder: LoRA
+      shared on any target, everything else frozen).
     params: the FM's initial parameters (structure, and the FFN widths).
     keep_neurons: FFN neurons kept per compressed layer; None compresses nothing (the sub-FM is
       the FM: FedAvg-LoRA on the full FM).
@@ -178,7 +323,7 @@ def fedpft(forward: Forward, roles: PyTree, params: PyTree, *,
     align_optimizer: the distillation optimizer; `default_align_optimizer()` if None.
     client_optimizer: local optimizer, fresh each round; Adam(8e-4) (the README's lr) if None.
     server_optimizer: fed the pseudo-gradient -mean(delta); `sgd(1.0)` is plain averaging.
-    label_key, mask_key: batch keys of the labels and the token mask.
+    label_key, mask_key: batch keys of the labels (the encoder's) and the token mask.
     weighted: weight clients by their example counts (the paper) or equally (the code).
     execution: how clients run inside the program; `default_execution()` if None.
 
@@ -191,15 +336,21 @@ def fedpft(forward: Forward, roles: PyTree, params: PyTree, *,
     layer-level alignment), ``num_nonfinite_clients``, ``examples``.
 
   Raises:
-    ValueError: for inconsistent roles or hyperparameters.
+    ValueError: for inconsistent roles or hyperparameters, and for alignment on a model whose
+      `ProxyModel` has no ``forward`` (the decoder).
   """
   execution = execution or default_execution()
   client_optimizer = client_optimizer or optax.adam(8e-4)
   align_optimizer = align_optimizer or default_align_optimizer()
-  _check_roles(params, roles)
+  model = forward if isinstance(forward, ProxyModel) else encoder_proxy(forward, label_key)
+  forward = model.forward
+  model.check(params, roles, tuple(retained_layers))
   if keep_neurons is None and (layer_align_steps or align_every):
     raise ValueError("alignment needs a compressed sub-FM; set keep_neurons, or "
                      "layer_align_steps=0 and align_every=0 for the full-FM baseline")
+  if forward is None and (layer_align_steps or align_every):
+    raise ValueError(f"FedPFT's alignment is not supported on the {model.name} yet (it needs "
+                     "per-layer hidden states); use layer_align_steps=0 and align_every=0")
   for name, value in (("layer_align_steps", layer_align_steps), ("align_every", align_every),
                       ("align_steps", align_steps)):
     if value < 0:
@@ -215,10 +366,10 @@ def fedpft(forward: Forward, roles: PyTree, params: PyTree, *,
 
   shapes = jax.eval_shape(lambda p: p, params)
   sub_shapes = ({} if keep_neurons is None else
-                jax.eval_shape(lambda p: compress_ffn(p, keep_neurons, tuple(retained_layers)),
+                jax.eval_shape(lambda p: model.compress(p, keep_neurons, tuple(retained_layers)),
                                shapes))
-  compressed = tuple(sorted(sub_shapes))
-  compress = jax.jit(lambda p: compress_ffn(p, keep_neurons, tuple(retained_layers)))
+  compressed = model.compressed_layers(sub_shapes)
+  compress = jax.jit(lambda p: model.compress(p, keep_neurons, tuple(retained_layers)))
   num_neurons = keep_neurons or 0
   needs_distill = bool(layer_align_steps or align_every)
   if needs_distill:
@@ -241,18 +392,15 @@ def fedpft(forward: Forward, roles: PyTree, params: PyTree, *,
     batch = jax.tree_util.tree_map(
         lambda a: jnp.where(live.reshape(live.shape + (1,) * (a.ndim - 1)), a,
                             jnp.zeros_like(a)), dict(batch))
-    logits, inter = forward(params_k, batch, key)
-    labels = batch[label_key]
-    per_example = optax.softmax_cross_entropy_with_integer_labels(
-        logits.astype(jnp.float32), labels)
+    per_example, correct, ffn_activations = model.task(params_k, batch, key)
     weight = jnp.where(live, mask, 0.0)
     count = jnp.sum(weight)
     loss_sum = jnp.sum(jnp.where(live, per_example * mask, 0.0))
     sums = {"loss_sum": loss_sum, "count": count,
-            "accuracy_sum": jnp.sum(weight * (jnp.argmax(logits, -1) == labels))}
+            "accuracy_sum": jnp.sum(weight * correct)}
     if compressed:
       tokens = batch[mask_key].astype(jnp.float32) * live[:, None]
-      acts = [inter["ffn_activations"][i].astype(jnp.float32) for i in compressed]
+      acts = [ffn_activations[i].astype(jnp.float32) for i in compressed]
       sums[_ACTIVE] = jnp.stack([jnp.einsum("bt,btf->f", tokens,
                                             (jnp.abs(a) > active_threshold).astype(jnp.float32))
                                  for a in acts])
@@ -275,7 +423,8 @@ def fedpft(forward: Forward, roles: PyTree, params: PyTree, *,
     activity = jnp.zeros((len(compressed), num_neurons), jnp.float32) if compressed else None
     extra = ProxyState(sub_ffn=sub, activity=activity, layer_alignment=layer_losses)
     return ServerState(round=jnp.zeros((), jnp.int32), params=full,
-                       opt_state=server_optimizer.init(shared), extra=extra)
+                       opt_state=server_optimizer.init(model.cut_shared(shared, sub)),
+                       extra=extra)
 
   def init_clients(params: PyTree, num_clients: int) -> PyTree:
     return stacked_personal(params, roles, num_clients)
@@ -283,7 +432,9 @@ def fedpft(forward: Forward, roles: PyTree, params: PyTree, *,
   def bytes_per_client(params: PyTree) -> tuple[int, int]:
     """LoRA + head both ways; alignment's sub-FFN refresh (down) and activity counts (up)
     amortised over `align_every` rounds."""
-    shared = roles_lib.tree_bytes(roles_lib.select(params, roles, SHARED))
+    shared = roles_lib.tree_bytes(jax.eval_shape(  # the sub-FM's LoRA + head
+        lambda p, sub: model.cut_shared(roles_lib.select(p, roles, SHARED), sub), params,
+        sub_shapes))
     if not align_every:
       return shared, shared
     # Down: per compressed layer the updated neurons' fc_in column, fc_in bias and fc_out row
@@ -295,10 +446,11 @@ def fedpft(forward: Forward, roles: PyTree, params: PyTree, *,
     return shared + refresh // align_every, shared + counts // align_every
 
   def round_fn(server: ServerState, client_states: PyTree, cohort: Cohort, rng: jax.Array):
-    shared = roles_lib.select(server.params, roles, SHARED)
+    full_shared = roles_lib.select(server.params, roles, SHARED)
     frozen = roles_lib.select(server.params, roles, FROZEN)
     sub_ffn = server.extra.sub_ffn
-    frozen_sub = with_sub_ffn(frozen, sub_ffn)  # the proxy the clients train on
+    frozen_sub = model.with_sub(frozen, sub_ffn)  # the proxy the clients train on
+    shared = model.cut_shared(full_shared, sub_ffn)  # what they train (the FM's, encoder)
     local_rng, align_rng = jax.random.split(rng)
     keys = jax.random.split(local_rng, cohort.num_clients)
 
@@ -321,7 +473,8 @@ def fedpft(forward: Forward, roles: PyTree, params: PyTree, *,
     any_ok = jnp.any(ok)
     new_shared, new_opt_state = aggregate.keep_if(any_ok, (new_shared, new_opt_state),
                                                   (shared, server.opt_state))
-    new_params = roles_lib.merge(new_shared, frozen)  # the LoRA plugs into the full FM
+    # The LoRA plugs into the full FM.
+    new_params = roles_lib.merge(model.plug_shared(full_shared, new_shared, sub_ffn), frozen)
 
     activity = server.extra.activity
     metrics = {}

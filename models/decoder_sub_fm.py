@@ -8,7 +8,8 @@ The decoder's layers are one stacked array per kind (`decoder.DecoderLM`: ``[L, 
 every layer keeps the same number of neurons, each layer its own top ones: the sub-FM stays
 stacked and its scan compiles like the FM's. Retaining whole layers (the encoder's
 `retained_layers`) would break the stacking and is not offered. LoRA factors on gate/up/down
-are cut to the same neurons (``lora_gate/b``, ``lora_up/b`` columns; ``lora_down/a`` rows).
+are cut to the same neurons (``lora_gate/b``, ``lora_up/b`` columns; ``lora_down/a`` rows);
+`plug_decoder_ffn` writes LoRA trained on the sub-FM back into the FM's at the kept neurons.
 
 The result is the FM's parameter tree with narrower MLP arrays; it merges with the FM's own
 graph definition (the MLP reads its widths from its kernels), so `decoder_loss.lm_loss_fn`
@@ -44,11 +45,60 @@ def top_neurons_per_layer(saliency: jax.Array, k: int) -> jax.Array:
   return jnp.sort(jax.lax.top_k(saliency, k)[1], axis=-1)
 
 
+# The MLP leaves a neuron cut narrows: (component, parameter) -> the neuron axis (counted with L).
+NEURON_AXES = {("gate", "kernel"): 2, ("up", "kernel"): 2, ("down", "kernel"): 1,
+               ("lora_gate", "b"): 2, ("lora_up", "b"): 2, ("lora_down", "a"): 1}
+
+
 def _take(x: jax.Array, idx: jax.Array, axis: int) -> jax.Array:
   """Per-layer gather: x [L, ...] along `axis` (counted with L) by idx [L, k]."""
   shape = [1] * x.ndim
   shape[0], shape[axis] = idx.shape
   return jnp.take_along_axis(x, idx.reshape(shape), axis=axis)
+
+
+def _put(x: jax.Array, idx: jax.Array, values: jax.Array, axis: int) -> jax.Array:
+  """Per-layer scatter, `_take`'s inverse: x with ``_take(x, idx, axis)`` replaced by values."""
+  x, values = jnp.moveaxis(x, axis, 1), jnp.moveaxis(values, axis, 1)
+  out = jax.vmap(lambda xl, il, vl: xl.at[il].set(vl.astype(xl.dtype)))(x, idx, values)
+  return jnp.moveaxis(out, 1, axis)
+
+
+def salient_neurons(params: PyTree, keep_neurons: int) -> jax.Array:
+  """[L, k] int32: each layer's `keep_neurons` most salient SwiGLU neurons, ascending."""
+  mlp = params["layers"]["mlp"]
+  return top_neurons_per_layer(swiglu_saliency(mlp["gate"]["kernel"], mlp["up"]["kernel"],
+                                               mlp["down"]["kernel"]),
+                               keep_neurons).astype(jnp.int32)
+
+
+def cut_decoder_ffn(params: PyTree, neurons: jax.Array) -> PyTree:
+  """`params` with every MLP leaf of `NEURON_AXES` cut to `neurons` ([L, k], per layer).
+
+  Leaves that are None (trees from `roles.select`) or absent pass through, so the same call cuts
+  a whole model, its frozen part or its LoRA alone.
+  """
+  mlp = dict(params["layers"]["mlp"])
+  for (name, leaf), axis in NEURON_AXES.items():
+    if name in mlp and mlp[name] is not None and mlp[name].get(leaf) is not None:
+      mlp[name] = {**mlp[name], leaf: _take(mlp[name][leaf], neurons, axis)}
+  return {**params, "layers": {**params["layers"], "mlp": mlp}}
+
+
+def plug_decoder_ffn(params: PyTree, sub: PyTree, neurons: jax.Array) -> PyTree:
+  """`cut_decoder_ffn`'s inverse on the kept neurons: `params` (the FM's tree, e.g. its LoRA)
+  with the kept neurons' slices of every `NEURON_AXES` leaf replaced by the sub-FM's (`sub`,
+  cut to `neurons`), the other neurons' slices kept from `params`; every other leaf is
+  `sub`'s. So the LoRA a client trained on the sub-FM plugs back into the FM."""
+  mlp, sub_mlp = dict(params["layers"]["mlp"]), sub["layers"]["mlp"]
+  plugged = {}
+  for (name, leaf), axis in NEURON_AXES.items():
+    if name in mlp and mlp[name] is not None and mlp[name].get(leaf) is not None:
+      plugged.setdefault(name, {})[leaf] = _put(mlp[name][leaf], neurons, sub_mlp[name][leaf],
+                                                axis)
+  new_mlp = {name: ({**sub_mlp[name], **plugged[name]} if name in plugged else sub_mlp[name])
+             for name in sub_mlp}
+  return {**sub, "layers": {**sub["layers"], "mlp": new_mlp}}
 
 
 def compress_decoder_ffn(params: PyTree, keep_neurons: int) -> PyTree:
@@ -63,19 +113,7 @@ def compress_decoder_ffn(params: PyTree, keep_neurons: int) -> PyTree:
     any ``lora_gate/b``, ``lora_up/b`` [L, r, k], ``lora_down/a`` [L, k, r]; all else shared
     with `params`. Pure and jit-able.
   """
-  mlp = params["layers"]["mlp"]
-  idx = top_neurons_per_layer(swiglu_saliency(mlp["gate"]["kernel"], mlp["up"]["kernel"],
-                                              mlp["down"]["kernel"]), keep_neurons)
-  new = dict(mlp)
-  new["gate"] = {**mlp["gate"], "kernel": _take(mlp["gate"]["kernel"], idx, 2)}
-  new["up"] = {**mlp["up"], "kernel": _take(mlp["up"]["kernel"], idx, 2)}
-  new["down"] = {**mlp["down"], "kernel": _take(mlp["down"]["kernel"], idx, 1)}
-  for name in ("lora_gate", "lora_up"):
-    if name in mlp:
-      new[name] = {**mlp[name], "b": _take(mlp[name]["b"], idx, 2)}
-  if "lora_down" in mlp:
-    new["lora_down"] = {**mlp["lora_down"], "a": _take(mlp["lora_down"]["a"], idx, 1)}
-  return {**params, "layers": {**params["layers"], "mlp": new}}
+  return cut_decoder_ffn(params, salient_neurons(params, keep_neurons))
 
 
 def ffn_fraction(params: PyTree, sub: PyTree) -> float:
