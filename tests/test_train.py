@@ -104,7 +104,7 @@ def test_resume_after_a_real_kill(uninterrupted, tmp_path):
          os.path.join(ROOT, "configs", "digits.py:tiny,fedper"), "--workdir", str(tmp_path),
          "--config.rounds=6", "--config.eval_every=3",
          "--config.checkpoint_every=3"]
-  env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  env = dict(os.environ, PYTHONPATH=ROOT)   # the 8 fake devices and XLA options of the tests
   proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
   first = os.path.join(str(tmp_path), "checkpoints", "3")
