@@ -1,34 +1,50 @@
-"""Run checkpoints with orbax: server state, all clients' personal state and the metric history.
+"""Run checkpoints with orbax: server state, all clients' personal state and the metric history,
+each verified against a digest written with it.
 
 A run's randomness is a pure function of (seed, round) (`fedjax_fm.cohort`), so these three are
 everything a resumed run needs to end bit-identical to an uninterrupted one.
 
 orbax writes each checkpoint into a temporary folder and renames it when complete, so a run
 killed during a save leaves only an unfinished temporary folder, which is ignored: the resume
-starts from the previous complete checkpoint. A complete checkpoint whose files were later
-damaged (truncated, corrupted) is reported as such; falling back to the one before it happens only
-when asked (`fallback=True`), because silently losing rounds hides a real problem.
+starts from the previous complete checkpoint. A complete checkpoint can still be damaged later
+(a truncated file, flipped bytes, a deleted file), and a damaged data file may well decode
+without error into wrong numbers. So every checkpoint carries a third item, ``digest``: the
+SHA-256 of every saved array (its dtype, shape and bytes) and of the metadata (the history and
+the config), computed from the values handed to `save`. `restore` recomputes them from what it
+read; any difference, a missing digest or a read error makes the checkpoint *damaged*. A damaged
+checkpoint is reported in one line naming its round and the newest intact one; falling back to
+that happens only when asked (`fallback=True`), because silently losing rounds hides a problem.
+
+The metadata is copied when `save` is called: an asynchronous save must write the history as it
+was after its round, never with records the loop appended while the save was in flight.
 
 Multi-host runs: every process calls `save` and `restore` with the same arguments (orbax writes
-each process's shards and synchronises the processes); the directory must be on a file system
-all processes see.
+each process's shards and synchronises the processes; the digests are computed on gathered
+arrays, the same on every process); the directory must be on a file system all processes see.
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import json
 import os
 import time
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from fedjax_fm import distributed
+
 PyTree = Any
+DIGEST_FORMAT = 1
 
 
 class CheckpointError(RuntimeError):
-  """A checkpoint could not be read."""
+  """No checkpoint to resume from, or only damaged ones. The message is one line."""
 
 
 def _manager(directory: str, keep: int | None, read_only: bool = False) -> ocp.CheckpointManager:
@@ -36,6 +52,36 @@ def _manager(directory: str, keep: int | None, read_only: bool = False) -> ocp.C
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
                                          read_only=read_only, cleanup_tmp_directories=True)
   return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+def _sha256(data: bytes) -> str:
+  return hashlib.sha256(data).hexdigest()
+
+
+def array_digests(state: PyTree) -> dict[str, str]:
+  """``{tree path: sha256 of dtype, shape and bytes}`` of every array leaf of `state`.
+
+  A collective in a multi-process run (the arrays are gathered to every process first)."""
+  leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+  values = distributed.fetch([leaf for _, leaf in leaves])
+  out = {}
+  for (path, _), value in zip(leaves, values):
+    a = np.ascontiguousarray(np.asarray(value))
+    out[jax.tree_util.keystr(path)] = _sha256(f"{a.dtype.str}{a.shape}".encode() + a.tobytes())
+  return out
+
+
+def meta_digest(meta: dict) -> str:
+  """sha256 of the metadata's canonical JSON (sorted keys; NaN written as JSON's NaN)."""
+  return _sha256(json.dumps(meta, sort_keys=True).encode())
+
+
+def _short(e: BaseException) -> str:
+  """A read error in a few words: its type and first line, cut at a word, never mid-token."""
+  first = (str(e).strip().splitlines() or [""])[0]
+  if len(first) > 120:
+    first = first[:120].rsplit(" ", 1)[0] + " ..."
+  return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
 class Checkpointer:
@@ -52,9 +98,16 @@ class Checkpointer:
     self._mgr = _manager(directory, keep)
 
   def save(self, round_num: int, state: PyTree, meta: dict):
-    """Starts an (asynchronous) save of `state` after `round_num` completed rounds."""
+    """Starts an (asynchronous) save of `state` after `round_num` completed rounds.
+
+    `meta` is deep-copied and the digests are computed before this returns, so the caller may
+    go on changing its history (and donating its arrays) while the save is written."""
+    meta = copy.deepcopy(meta)
+    digest = {"format": DIGEST_FORMAT, "round": round_num, "arrays": array_digests(state),
+              "meta": meta_digest(meta)}
     self._mgr.save(round_num, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                       meta=ocp.args.JsonSave(meta)),
+                                                       meta=ocp.args.JsonSave(meta),
+                                                       digest=ocp.args.JsonSave(digest)),
                    force=True)
 
   def steps(self) -> list[int]:
@@ -62,42 +115,76 @@ class Checkpointer:
     self._mgr.reload()
     return sorted(self._mgr.all_steps())
 
+  def _read(self, step: int, abstract: PyTree) -> tuple[PyTree, dict]:
+    """Round `step`'s state and meta, verified against its digest.
+
+    Raises:
+      CheckpointError: a read error, a missing digest or a value that differs from it (the
+        message says which, in a few words).
+    """
+    try:
+      digest = dict(self._mgr.restore(step, args=ocp.args.Composite(
+          digest=ocp.args.JsonRestore()))["digest"])
+    except Exception as e:  # pylint: disable=broad-except  # orbax raises many types
+      raise CheckpointError(f"its digest is missing or unreadable ({_short(e)})") from e
+    if digest.get("format") != DIGEST_FORMAT or digest.get("round") != step:
+      raise CheckpointError("its digest belongs to another checkpoint format or round")
+    try:
+      out = self._mgr.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(f"unreadable ({_short(e)})") from e
+    state, meta = out["state"], dict(out["meta"])
+    want, got = digest.get("arrays", {}), array_digests(state)
+    for path in sorted(set(want) | set(got)):
+      if want.get(path) != got.get(path):
+        raise CheckpointError(f"array {path} differs from its digest")
+    if meta_digest(meta) != digest.get("meta"):
+      raise CheckpointError("its metric history or config differs from its digest")
+    return state, meta
+
   def restore(self, like: PyTree, fallback: bool = False) -> tuple[int, PyTree, dict]:
-    """Restores the latest complete checkpoint into arrays shaped and placed like `like`.
+    """Restores the latest complete checkpoint, verified, into arrays shaped and placed like
+    `like`.
 
     Args:
       like: a state pytree with the target structure, shapes, dtypes and shardings.
-      fallback: if the latest checkpoint is damaged, try the earlier ones (newest first).
+      fallback: if the latest checkpoint is damaged, restore the newest intact one instead
+        (the damaged ones are moved to ``<directory>-damaged/``, not deleted).
 
     Returns:
       (round, state, meta).
 
     Raises:
-      CheckpointError: no complete checkpoint, or a damaged one (and `fallback` is off, or
-        every checkpoint is damaged).
+      CheckpointError (one line): no complete checkpoint; a damaged latest checkpoint without
+        `fallback` (naming the newest intact round to fall back to); every checkpoint damaged.
     """
     steps = self.steps()
     if not steps:
-      raise CheckpointError(f"no complete checkpoint in {self.directory}")
+      raise CheckpointError(f"no complete checkpoint in {self.directory}: the run stopped "
+                            "before its first save; start it anew with --overwrite")
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like)
-    errors, damaged = [], []
+    damaged: dict[int, str] = {}
     for step in reversed(steps):
       try:
-        out = self._mgr.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-      except Exception as e:  # orbax raises many types for damaged files  # pylint: disable=broad-except
-        errors.append(f"round {step}: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
-        damaged.append(step)
-        if not fallback:
-          break
+        state, meta = self._read(step, abstract)
+      except CheckpointError as e:
+        damaged[step] = str(e)
         continue
-      self._set_aside(damaged)
-      return step, out["state"], dict(out["meta"])
-    earlier = [s for s in steps if s < steps[-1]]
-    hint = (f"; pass --fallback_checkpoint to resume from round {earlier[-1]} instead"
-            if earlier and not fallback else "")
-    raise CheckpointError(f"checkpoint in {self.directory} is corrupted or truncated "
-                          f"({'; '.join(errors)}){hint}")
+      if not damaged:
+        return step, state, meta
+      latest = max(damaged)
+      if not fallback:
+        raise CheckpointError(
+            f"checkpoint of round {latest} in {self.directory} is damaged "
+            f"({damaged[latest]}); pass --fallback_checkpoint to resume from round {step}, "
+            "the newest intact checkpoint (the damaged ones are moved aside, not deleted)")
+      self._set_aside(sorted(damaged))
+      return step, state, meta
+    reasons = "; ".join(f"round {s}: {why}" for s, why in sorted(damaged.items(), reverse=True))
+    raise CheckpointError(f"every checkpoint in {self.directory} is damaged ({reasons}); "
+                          "nothing to resume from: start the run anew with --overwrite (the "
+                          "damaged run is moved aside, not deleted)")
 
   def _set_aside(self, steps: list[int]):
     """Moves damaged checkpoints to ``<directory>-damaged/`` (kept for inspection, out of the

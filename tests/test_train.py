@@ -152,7 +152,7 @@ def test_damaged_checkpoint_is_reported_and_fallback_only_when_asked(uninterrupt
   _run(tmp_path, 6)
   _damage_latest(tmp_path)
   before = _snapshot(tmp_path)
-  with pytest.raises(CheckpointError, match=r"corrupted or truncated.*--fallback_checkpoint.*3"):
+  with pytest.raises(CheckpointError, match=r"round 6 .* is damaged .*--fallback_checkpoint.*round 3"):
     _run(tmp_path, 6, resume=True)
   assert _snapshot(tmp_path) == before  # nothing written or lost
   _run(tmp_path, 6, resume=True, fallback_checkpoint=True)  # from round 3, recomputes 4..6
