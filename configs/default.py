@@ -40,6 +40,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.rounds = 30
   c.data = ml_collections.ConfigDict(dict(
       name="shakespeare_play", unit="speech", test_fraction=0.2, num_plays=4,
+      empty_clients="error",   # or "exclude": see configs/digits.py
       examples_per_play=400, max_length=32,
       partition=dict(kind="dirichlet", num_clients=16, alpha=0.5)))
   # name: "minilm" (the cached real checkpoint) or "pretrained" (any HF folder in model.path).
@@ -61,6 +62,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval_every = 3
   c.checkpoint_every = 5
   c.keep_checkpoints = 3
+  # stop after this many rounds in a row with non-finite training metrics or no healthy client
+  c.max_bad_rounds = 3
   c.mesh = (("clients", -1),)
   c.execution = ml_collections.ConfigDict(dict(strategy="vmap", chunk_size=8, scan_unroll=1))
   if variant == "tiny":

@@ -28,7 +28,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # partition: iid | dirichlet (alpha) | shards (shards_per_client) | quantity (alpha);
   # see fedjax_fm.data.PartitionConfig.
   c.data = ml_collections.ConfigDict(dict(
-      name="digits", test_fraction=0.2,
+      # empty_clients: a client left with no training or test examples is an error, or
+      # "exclude": such clients are left out of the run and counted in the summary.
+      name="digits", empty_clients="error", test_fraction=0.2,
       partition=dict(kind="iid", num_clients=50, alpha=0.5, shards_per_client=2)))
   c.model = ml_collections.ConfigDict(dict(name="mlp", hidden=(64,)))  # mlp | cnn
   c.algorithm = _algorithms.algorithm(algorithm or "fedavg", common=dict(client_lr=0.1))
@@ -39,6 +41,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval_every = 20
   c.checkpoint_every = 50   # rounds between checkpoints (and one at the end)
   c.keep_checkpoints = 3
+  # stop after this many rounds in a row with non-finite training metrics or no healthy client
+  c.max_bad_rounds = 3
   c.mesh = (("clients", -1),)
   # vmap | chunked | unrolled, or "auto" (vmap on GPU/TPU, the CPU choice of BENCHMARKS.md).
   c.execution = ml_collections.ConfigDict(dict(strategy="vmap", chunk_size=8, scan_unroll=1))

@@ -27,7 +27,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.seed = 0
   c.rounds = 24
   c.data = ml_collections.ConfigDict(dict(
-      name="multitask_suite", max_length=24,
+      name="multitask_suite", empty_clients="error", max_length=24,
       groups=(
           dict(builder="digits_classification", test_fraction=0.2,
                partition=dict(kind="dirichlet", num_clients=6, alpha=0.5)),
@@ -52,6 +52,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval_every = 8
   c.checkpoint_every = 0
   c.keep_checkpoints = 1
+  # stop after this many rounds in a row with non-finite training metrics or no healthy client
+  c.max_bad_rounds = 3
   c.mesh = (("clients", -1),)
   c.execution = ml_collections.ConfigDict(dict(strategy="vmap", chunk_size=8, scan_unroll=1))
   if arg == "tiny":

@@ -40,6 +40,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = feddat_text.get_config("tiny" if tiny else None)
   c.data = ml_collections.ConfigDict(dict(
       name="digits_vqa", test_fraction=0.2, max_length=8,   # the longest question: 8 tokens
+      empty_clients="error",   # or "exclude": see configs/digits.py
       families=("identity", "parity", "greater_than_five", "prime"),
       partition=dict(kind="iid", num_clients=2)))   # clients per family
   c.model.image = dict(image_size=8, patch_size=4, num_channels=1)   # 4 patch tokens

@@ -69,7 +69,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.seed = 0
   c.rounds = 12
   c.data = ml_collections.ConfigDict(dict(
-      name="tap_suite", max_length=16, validation_fraction=0.2,
+      name="tap_suite", empty_clients="error", max_length=16, validation_fraction=0.2,
       groups=[dict(g) for g in GROUPS[:DEFAULT_PAIRS]]))
   c.model = ml_collections.ConfigDict(dict(
       name="tap", fusion_layers=1, image_size=8, patch_size=2, num_channels=1,
@@ -94,6 +94,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval_every = c.rounds               # stage 2 runs once, after the last round
   c.checkpoint_every = 0
   c.keep_checkpoints = 1
+  # stop after this many rounds in a row with non-finite training metrics or no healthy client
+  c.max_bad_rounds = 3
   c.mesh = (("clients", -1),)
   c.execution = ml_collections.ConfigDict(dict(strategy="vmap", chunk_size=8, scan_unroll=1))
   hp = c.algorithm.hparams

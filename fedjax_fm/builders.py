@@ -41,10 +41,13 @@ class Federation:
       architecture, e.g. a modality-task pair; the grouped algorithms' input).
     client_groups: a group name per client for the summary's per-group rows (e.g. a client's
       question family), or None.
+    excluded_clients: clients left out for having no training or test examples
+      (``config.data.empty_clients="exclude"``), counted in the run's summary.
   """
   train: FederatedData | GroupedData
   test: FederatedData | GroupedData
   client_groups: Sequence[str] | None = None
+  excluded_clients: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,8 +140,13 @@ def factory_hparams(factory: Callable[..., Any], wired: Sequence[str] = (),
 
 # ---- the one validation pass (launch, the library API and train all call it) ----
 
+# config.data.empty_clients: what a partition that leaves a client without training or test
+# examples does: "error" refuses it; "exclude" leaves those clients out of the run (sampling and
+# per-client statistics) and the summary counts them.
+EMPTY_CLIENTS = ("error", "exclude")
+
 def check_schedule(*, rounds, cohort_size, batch_size, local_steps, local_epochs, eval_every,
-                   checkpoint_every=0, keep_checkpoints=1) -> None:
+                   checkpoint_every=0, keep_checkpoints=1, max_bad_rounds=1) -> None:
   """The run schedule's values; errors name the config key to fix.
 
   Raises:
@@ -147,7 +155,7 @@ def check_schedule(*, rounds, cohort_size, batch_size, local_steps, local_epochs
   """
   values = dict(rounds=rounds, batch_size=batch_size, local_steps=local_steps,
                 local_epochs=local_epochs, eval_every=eval_every,
-                keep_checkpoints=keep_checkpoints)
+                keep_checkpoints=keep_checkpoints, max_bad_rounds=max_bad_rounds)
   sizes = cohort_size if isinstance(cohort_size, (tuple, list)) else (cohort_size,)
   for i, size in enumerate(sizes):
     values["cohort_size" if len(sizes) == 1 else f"cohort_size[{i}]"] = size
@@ -164,14 +172,26 @@ def check_schedule(*, rounds, cohort_size, batch_size, local_steps, local_epochs
                      f"got {checkpoint_every!r}")
 
 
+def check_finite(tree: Mapping[str, Any], prefix: str = "config") -> None:
+  """Every number anywhere in a config (nested blocks and lists too) must be finite: an inf or
+  NaN hyperparameter, schedule or data option is refused before anything runs."""
+  items = tree.items() if hasattr(tree, "items") else enumerate(tree)
+  for name, value in items:
+    where = f"{prefix}.{name}" if hasattr(tree, "items") else f"{prefix}[{name}]"
+    if hasattr(value, "items") or isinstance(value, (list, tuple)):
+      check_finite(value, where)
+    elif (isinstance(value, numbers.Real) and not isinstance(value, bool)
+          and not math.isfinite(value)):
+      raise ValueError(f"{where} must be finite, got {value}")
+
+
 def check_hparams(hparams: Mapping[str, Any]) -> None:
-  """Numbers that must be finite (every float hyperparameter) and learning rates (``*lr``)
-  that must be positive."""
+  """Numbers that must be finite (every float hyperparameter, nested ones too) and learning
+  rates (``*lr``) that must be positive."""
+  check_finite(hparams, "config.algorithm.hparams")
   for name, value in hparams.items():
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
       continue
-    if not math.isfinite(value):
-      raise ValueError(f"config.algorithm.hparams.{name} must be finite, got {value}")
     if name.endswith("lr") and not value > 0:
       raise ValueError(f"learning rate config.algorithm.hparams.{name} must be positive, got "
                        f"{value}")
@@ -183,7 +203,11 @@ def validate_config(config) -> None:
                  batch_size=config.batch_size, local_steps=config.local_steps,
                  local_epochs=config.local_epochs, eval_every=config.eval_every,
                  checkpoint_every=config.checkpoint_every,
-                 keep_checkpoints=config.keep_checkpoints)
+                 keep_checkpoints=config.keep_checkpoints, max_bad_rounds=config.max_bad_rounds)
+  if config.data.empty_clients not in EMPTY_CLIENTS:
+    raise ValueError(f"config.data.empty_clients must be one of {list(EMPTY_CLIENTS)}, got "
+                     f"{config.data.empty_clients!r}")
+  check_finite(config)
   if config.algorithm.hparams is not None:
     check_hparams(dict(config.algorithm.hparams.items()))
 

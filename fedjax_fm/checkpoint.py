@@ -162,7 +162,8 @@ class Checkpointer:
     steps = self.steps()
     if not steps:
       raise CheckpointError(f"no complete checkpoint in {self.directory}: the run stopped "
-                            "before its first save; start it anew with --overwrite")
+                            "before its first save; start it anew with --overwrite instead of "
+                            "--resume")
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like)
     damaged: dict[int, str] = {}
     for step in reversed(steps):

@@ -11,12 +11,16 @@ mistakes are ValueErrors naming the key and the fix, raised before anything is w
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 from fedjax_fm import algorithms, distributed, rundir, sharding
 from fedjax_fm.protocol import ClientExecution, default_execution
 from fedjax_fm.algorithms import fedbone_launch, tap_launch
 from fedjax_fm.builders import Built, Federation, ModelBundle, read_hparams, validate_config
 from fedjax_fm.data import builders as data_builders
 from fedjax_fm.data import lm as lm_data
+from fedjax_fm.data import partition
 from fedjax_fm.models import builders as model_builders
 from fedjax_fm.models.partitioning import param_shardings
 from fedjax_fm.train import train
@@ -50,7 +54,14 @@ def _lookup(table, name, what):
 
 
 def build_data(config) -> Federation:
-  return _lookup(DATASETS, config.data.name, "data set")(config)
+  """The data set's federation, with clients that hold no training or test examples refused or
+  excluded as ``config.data.empty_clients`` says (`partition.handle_empty_clients`); the
+  number excluded is ``Federation.excluded_clients``."""
+  data = _lookup(DATASETS, config.data.name, "data set")(config)
+  train, test, groups, excluded = partition.handle_empty_clients(
+      data.train, data.test, data.client_groups, config.data.empty_clients)
+  return dataclasses.replace(data, train=train, test=test, client_groups=groups,
+                             excluded_clients=excluded)
 
 
 def build_model(config, data: Federation) -> ModelBundle:
@@ -86,6 +97,8 @@ def run(config, workdir: str | None = None, *, resume: bool = False, overwrite: 
     ValueError: a configuration mistake, before anything in `workdir` is touched.
   """
   validate_config(config)
+  if workdir:  # an unusable workdir fails before minutes of data and model building
+    rundir.check_writable(workdir)
   # An unknown algorithm or a missing hyperparameter fails before any data is built.
   read_hparams(config, algorithms.builder(config.algorithm.name).hparams)
   data = build_data(config)
@@ -112,4 +125,7 @@ def run(config, workdir: str | None = None, *, resume: bool = False, overwrite: 
                checkpoint_every=config.checkpoint_every,
                keep_checkpoints=config.keep_checkpoints, resume=resume,
                fallback_checkpoint=fallback_checkpoint, client_groups=data.client_groups,
-               param_shardings=shardings, progress=progress)
+               param_shardings=shardings, max_bad_rounds=config.max_bad_rounds,
+               run_config=json.loads(config.to_json_best_effort()),
+               allow_config_change=allow_config_change,
+               excluded_clients=data.excluded_clients, progress=progress)

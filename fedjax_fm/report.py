@@ -44,7 +44,8 @@ class MetricLog:
     self._file.write(json.dumps(dict(record)) + "\n")
     self._file.flush()
     for key, value in record.items():
-      if key != "round":
+      # A bad round's NaN stays in the JSONL; TensorBoard gets a gap, not a warning per value.
+      if key != "round" and np.isfinite(value):
         self._tb.add_scalar(key, value, global_step=int(record["round"]))
 
   def close(self):
@@ -90,23 +91,53 @@ def plot_curves(history: Sequence[dict], path: str):
   plt.close(fig)
 
 
+def _spans(rounds: Sequence[int]) -> str:
+  """[3, 4, 5, 9] -> "3-5, 9"."""
+  spans, start = [], None
+  for i, r in enumerate(rounds):
+    if start is None:
+      start = r
+    if i + 1 == len(rounds) or rounds[i + 1] != r + 1:
+      spans.append(str(start) if start == r else f"{start}-{r}")
+      start = None
+  return ", ".join(spans)
+
+
 def summarize(history: Sequence[dict], final_eval: Mapping[str, np.ndarray] | None = None,
-              client_groups: Sequence[str] | None = None) -> dict:
-  """The end-of-run summary: last-round metrics, per-client spread and per-group means.
+              client_groups: Sequence[str] | None = None, *, excluded_clients: int = 0,
+              stopped: str | None = None) -> dict:
+  """The end-of-run summary: last-round metrics, per-client spread and per-group means, and
+  warnings (bad rounds, clients left out, a run stopped for divergence).
 
   Args:
     history: the metric records.
     final_eval: the last evaluation's raw output (with `personalized/per_client_<m>` arrays).
     client_groups: a group name per client (e.g. its modality-task pair), for per-group rows.
+    excluded_clients: clients left out of the run for having no training or test examples.
+    stopped: why the run stopped early, if it did.
 
   Returns:
-    {"final": {...}, "per_client": {metric: {mean, std, min, p10, median, max}},
-     "per_group": {group: {metric: mean}}}.
+    {"final": {...}, "per_client": {metric: {mean, std, min, p10, median, max, clients}},
+     "per_group": {group: {metric: mean}}, "bad_rounds": [...], "excluded_clients": n,
+     "warnings": [...]}.
   """
   last = {}
   for h in history:
     last.update({k: v for k, v in h.items() if k not in VOLATILE_KEYS})
-  out = {"final": last, "per_client": {}, "per_group": {}}
+  bad = [h["round"] for h in history
+         if any(k.startswith("train/") and isinstance(v, float) and not np.isfinite(v)
+                for k, v in h.items())]
+  warnings = []
+  if stopped:
+    warnings.append(f"stopped early: {stopped}")
+  if bad:
+    warnings.append(f"{len(bad)} bad round(s) (non-finite training metrics or no healthy "
+                    f"client; logged as NaN): {_spans(bad)}")
+  if excluded_clients:
+    warnings.append(f"{excluded_clients} client(s) with no training or test examples were "
+                    "excluded from sampling and from the per-client statistics")
+  out = {"final": last, "per_client": {}, "per_group": {}, "bad_rounds": bad,
+         "excluded_clients": excluded_clients, "warnings": warnings}
   if final_eval:
     for key, values in final_eval.items():
       if "/per_client_" not in key:
@@ -114,7 +145,7 @@ def summarize(history: Sequence[dict], final_eval: Mapping[str, np.ndarray] | No
       v = np.asarray(values, np.float64)
       out["per_client"][key] = {"mean": v.mean(), "std": v.std(), "min": v.min(),
                                 "p10": np.percentile(v, 10), "median": np.median(v),
-                                "max": v.max()}
+                                "max": v.max(), "clients": len(v)}
       if client_groups is not None and len(client_groups) == len(v):
         groups = np.asarray(client_groups)
         for g in sorted(set(groups.tolist())):
@@ -134,7 +165,8 @@ def jsonable(tree):
 
 def format_summary(summary: Mapping) -> str:
   """Renders `summarize`'s output as plain-text tables."""
-  lines = ["", "summary (last value of each metric)"]
+  lines = [""] + [f"warning: {w}" for w in summary.get("warnings", ())]
+  lines += ["summary (last value of each metric)"]
   final = summary["final"]
   width = max([len(k) for k in final] + [len(k) for k in summary["per_client"]] + [10])
   for key in sorted(final):

@@ -1,15 +1,23 @@
 """The run loop: sample a cohort, run the compiled round, evaluate, log, checkpoint. One story.
 
 The algorithm arrives built (`fedjax_fm.experiment`, `fedjax_fm.algorithms.BUILDERS`), so this
-module knows no algorithm. Everything random is a pure function of (seed, round), and checkpoints hold the server state, the
-clients' personal state and the metric history, so a resumed run ends bit-identical to an
-uninterrupted one. In a multi-host run (`fedjax_fm.distributed`) every process runs this loop on
+module knows no algorithm. Everything random is a pure function of (seed, round), and
+checkpoints hold the server state, the clients' personal state and the metric history (exactly
+as it was after the checkpoint's round), so a resumed run ends bit-identical to an
+uninterrupted run. In a multi-host run (`fedjax_fm.distributed`) every process runs this loop on
 its share of each cohort and takes part in the checkpoints; process 0 alone writes the rest.
+
+Divergence: a round whose training metrics are not finite, or in which no client was healthy
+(every update non-finite, or no example trained on), is *bad*. Its averaged training metrics are
+logged as NaN (never as a misleading 0), it is flagged on the progress bar and in the summary,
+and it is not checkpointed. After `max_bad_rounds` bad rounds in a row the run stops with
+`TrainingDiverged`, its checkpoints (all from good rounds) kept.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 import warnings
@@ -19,7 +27,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from fedjax_fm import cohort as cohort_lib, distributed, report, sharding
+from fedjax_fm import cohort as cohort_lib, distributed, report, rundir, sharding
 from fedjax_fm.builders import check_schedule
 from fedjax_fm.protocol import Algorithm
 from fedjax_fm.checkpoint import Checkpointer
@@ -28,8 +36,42 @@ from fedjax_fm.runner import RoundRunner, padded_rows
 PyTree = Any
 
 
+class TrainingDiverged(RuntimeError):
+  """`max_bad_rounds` rounds in a row had non-finite metrics or no healthy client. One line."""
+
+
 def _scalars(metrics: dict) -> dict[str, float]:
   return {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
+
+
+def _is_count(key: str) -> bool:
+  """Training metrics that count (clients, examples) rather than average: kept on a bad round."""
+  name = key.split("/")[-1]
+  return name == "examples" or name.startswith("num_")
+
+
+def round_problem(train_metrics: dict[str, float], cohort_clients: int) -> str | None:
+  """Why a round's training went bad, or None if it did not.
+
+  Args:
+    train_metrics: the round's scalar training metrics (``loss``, ``examples``,
+      ``num_nonfinite_clients``, ...; each algorithm reports what it has).
+    cohort_clients: the real clients sampled this round (all groups together).
+  """
+  if train_metrics.get("num_nonfinite_clients", 0) >= cohort_clients:
+    return "no healthy client (every update non-finite)"
+  if "examples" in train_metrics and train_metrics["examples"] == 0:
+    return "no healthy client trained on any example"
+  bad = sorted(k for k, v in train_metrics.items() if not math.isfinite(v))
+  if bad:
+    return f"non-finite {', '.join(bad)}"
+  return None
+
+
+def is_bad_record(record: dict) -> bool:
+  """A logged round that was bad (`round_problem`): its averaged training metrics are NaN."""
+  return any(k.startswith("train/") and isinstance(v, float) and not math.isfinite(v)
+             for k, v in record.items())
 
 
 def train(alg: Algorithm, params: PyTree,
@@ -40,6 +82,8 @@ def train(alg: Algorithm, params: PyTree,
           workdir: str | None = None, checkpoint_every: int = 0, keep_checkpoints: int = 3,
           resume: bool = False, fallback_checkpoint: bool = False,
           client_groups: Sequence[str] | None = None, param_shardings: PyTree | None = None,
+          max_bad_rounds: int = 3, run_config: dict | None = None,
+          allow_config_change: bool = False, excluded_clients: int = 0,
           progress: bool = True) -> list[dict]:
   """Runs rounds of `alg` up to round `rounds` and returns the per-round metric history.
 
@@ -66,12 +110,23 @@ def train(alg: Algorithm, params: PyTree,
     client_groups: a group name per client, for the per-group rows of the summary.
     param_shardings: placement of the server parameters (e.g. an FSDP-sharded frozen
       backbone, `fedjax_fm.models.param_shardings`); replicated if None.
+    max_bad_rounds: stop after this many bad rounds in a row (see the module docstring).
+    run_config: the resolved config as a JSON dict, saved (and verified) with every checkpoint;
+      a resume with a different one is refused unless `allow_config_change` (the keys of
+      `fedjax_fm.rundir.RESUMABLE_CHANGES` may always change).
+    excluded_clients: clients the data builder left out for having no examples (reported in
+      the summary).
     progress: show a progress bar.
+
+  Raises:
+    TrainingDiverged: `max_bad_rounds` bad rounds in a row (after the summary is written).
+    fedjax_fm.checkpoint.CheckpointError: `resume` with no intact checkpoint to resume from.
   """
   # ---- arguments: fail before anything is written (the checks `launch` makes too) ----
   check_schedule(rounds=rounds, cohort_size=cohort_size, batch_size=batch_size,
                  local_steps=local_steps, local_epochs=local_epochs, eval_every=eval_every,
-                 checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints)
+                 checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
+                 max_bad_rounds=max_bad_rounds)
   grouped = isinstance(train_data, cohort_lib.GroupedData)
   if grouped:
     cohort_sizes = cohort_lib.group_cohort_sizes(train_data, cohort_size)
@@ -109,15 +164,34 @@ def train(alg: Algorithm, params: PyTree,
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep_checkpoints) if workdir else None
   # Multi-host: every process computes and checkpoints; process 0 alone logs, plots and prints.
   main = distributed.is_main()
-  start, history = 0, []
+  start, history, last_eval = 0, [], None
   if resume:
-    start, state, meta = ckpt.restore({"server": server, "clients": clients},
-                                      fallback=fallback_checkpoint)
-    server, clients, history = state["server"], state["clients"], list(meta["history"])
+    try:
+      start, state, meta = ckpt.restore({"server": server, "clients": clients},
+                                        fallback=fallback_checkpoint)
+      saved_config = meta.get("config")
+      if run_config is not None and saved_config is not None and not allow_config_change:
+        diff = rundir.config_differences(saved_config, run_config)
+        if diff:
+          raise ValueError(f"--resume: the config differs from the one saved with the "
+                           f"checkpoint of round {start} in {diff}; use the same config, or "
+                           "pass --allow_config_change")
+    except BaseException:
+      ckpt.close()
+      raise
+    server, clients = state["server"], state["clients"]
+    # Exactly the rounds the checkpoint's state has seen: never a round twice in the log.
+    history = [h for h in meta["history"] if h["round"] <= start]
+    last_eval = meta.get("last_eval")
   log = report.MetricLog(workdir, history) if workdir and main else None
   down, up = alg.bytes_per_client(params)
   base_key = jax.random.key(seed + 1)
-  last_eval = None
+  bad_streak = 0
+  for h in reversed(history):
+    if not is_bad_record(h):
+      break
+    bad_streak += 1
+  stop = None     # the TrainingDiverged message, once max_bad_rounds bad rounds in a row
 
   # ---- the loop ----
   bar = tqdm(total=rounds, initial=min(start, rounds), desc="round", unit="round",
@@ -125,21 +199,45 @@ def train(alg: Algorithm, params: PyTree,
   t0 = time.perf_counter() - (history[-1]["wall_seconds"] if history else 0.0)
 
   def finish(r, metrics, eval_metrics):
-    """Reads round r's metrics back (blocking), logs them and checkpoints."""
-    nonlocal last_eval
-    record = {"round": r + 1, **{f"train/{k}": v for k, v in _scalars(metrics).items()},
+    """Reads round r's metrics back (blocking), judges the round, logs it."""
+    nonlocal last_eval, bad_streak, stop
+    train_metrics = _scalars(metrics)
+    problem = round_problem(train_metrics, sum(cohort_sizes))
+    if problem:  # averages over no healthy client are not 0: NaN
+      train_metrics = {k: v if _is_count(k) else float("nan") for k, v in train_metrics.items()}
+    record = {"round": r + 1, **{f"train/{k}": v for k, v in train_metrics.items()},
               "bytes_down": down * sum(cohort_sizes), "bytes_up": up * sum(cohort_sizes)}
     if eval_metrics is not None:
-      last_eval = distributed.fetch(eval_metrics)  # per-client arrays may span hosts
+      last_eval = report.jsonable(distributed.fetch(eval_metrics))  # may span hosts
       record.update(_scalars(last_eval))
     record["wall_seconds"] = time.perf_counter() - t0
     history.append(record)
     if log:
       log.write(record)
     bar.update(1)
-    bar.set_postfix({k.split("/")[-1] if k.startswith("train") else k: f"{v:.3f}"
-                     for k, v in record.items()
-                     if k in ("train/loss", "train/accuracy", "personalized/accuracy")})
+    postfix = {k.split("/")[-1] if k.startswith("train") else k: f"{v:.3f}"
+               for k, v in record.items()
+               if k in ("train/loss", "train/accuracy", "personalized/accuracy")}
+    bad_streak = bad_streak + 1 if problem else 0
+    bad_total = sum(is_bad_record(h) for h in history)
+    if bad_total:
+      postfix["bad_rounds"] = bad_total
+    bar.set_postfix(postfix)
+    if problem and progress and main and bad_streak == 1:
+      bar.write(f"warning: round {r + 1}: {problem}; its training metrics are NaN "
+                f"(the run stops after {max_bad_rounds} such rounds in a row)")
+    if bad_streak >= max_bad_rounds:
+      if ckpt:
+        ckpt.wait()
+      good = [s for s in (ckpt.steps() if ckpt else []) if s <= r + 1 - bad_streak]
+      kept = (f"the last good checkpoint (round {good[-1]}) is kept" if good
+              else "no checkpoint was written")
+      stop = (f"training diverged: rounds {r + 2 - bad_streak}-{r + 1} had {problem} "
+              f"({bad_streak} in a row, config.max_bad_rounds={max_bad_rounds}); {kept}; "
+              "lower the learning rates or check the data")
+
+  def meta():
+    return {"history": history, "last_eval": last_eval, "config": run_config}
 
   # Round r is dispatched before round r-1's metrics are read back: the host builds the next
   # cohort while the device computes (JAX dispatch is asynchronous).
@@ -153,11 +251,18 @@ def train(alg: Algorithm, params: PyTree,
         eval_metrics = evaluate(server.params, clients)
       if pending:
         finish(*pending)
+        if stop:
+          pending = None  # round r computed but not logged: the run ends at the streak's end
+          break
       pending = (r, metrics, eval_metrics)
       if ckpt and ((checkpoint_every and (r + 1) % checkpoint_every == 0) or r + 1 == rounds):
         finish(*pending)  # the checkpoint's history must include this round
         pending = None
-        ckpt.save(r + 1, {"server": server, "clients": clients}, {"history": history})
+        if stop:
+          break
+        if not is_bad_record(history[-1]):  # the kept checkpoints are all good rounds
+          # `save` copies the history and hashes the state before returning.
+          ckpt.save(r + 1, {"server": server, "clients": clients}, meta())
     if pending:
       finish(*pending)
   finally:
@@ -173,7 +278,8 @@ def train(alg: Algorithm, params: PyTree,
 
   # ---- what the run leaves behind ----
   if history and main:
-    summary = report.summarize(history, last_eval, client_groups)
+    summary = report.summarize(history, last_eval, client_groups,
+                               excluded_clients=excluded_clients, stopped=stop)
     text = report.format_summary(summary)
     if progress:
       print(text)
@@ -183,4 +289,6 @@ def train(alg: Algorithm, params: PyTree,
         json.dump(summary, f, indent=2)
       with open(os.path.join(workdir, "summary.txt"), "w") as f:
         f.write(text.lstrip() + "\n")
+  if stop:
+    raise TrainingDiverged(stop)
   return history

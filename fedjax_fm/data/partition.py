@@ -18,7 +18,9 @@ The skews follow the usual benchmark recipes:
 - Natural: one client per distinct key, e.g. (play, speaker) in Shakespeare (LEAF, Caldas et al.
   2018).
 
-A partition that leaves a client with no examples is an error, not a silent empty client.
+A partition that leaves a client with no examples is an error, not a silent empty client; so is
+a train/test split that leaves one without training or test examples, unless the config asks for
+such clients to be excluded (`handle_empty_clients`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import Hashable, Mapping, Sequence
 
 import numpy as np
 
-from fedjax_fm.cohort import FederatedData
+from fedjax_fm.cohort import FederatedData, GroupedData
 
 PARTITION_KINDS = ("iid", "dirichlet", "shards", "quantity", "natural")
 
@@ -355,3 +357,81 @@ def label_histogram(labels: np.ndarray, parts: Sequence[np.ndarray],
   labels = np.asarray(labels)
   num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
   return np.stack([np.bincount(labels[p], minlength=num_classes) for p in parts])
+
+
+# ---- clients left without examples ----
+
+def _keep_rows(data: FederatedData, keep: np.ndarray) -> FederatedData:
+  """The clients of `data` where `keep` is True, in order (their examples unchanged)."""
+  return federate(data.arrays, [np.arange(data.offsets[c], data.offsets[c + 1])
+                                for c in np.flatnonzero(keep)])
+
+
+def empty_clients(train, test) -> np.ndarray:
+  """`[num_clients]` bool: clients with no training or no test examples (for a `GroupedData`,
+  its groups' clients in order). Train and test must hold the same clients."""
+  pairs = (tuple(zip(train.groups, test.groups)) if isinstance(train, GroupedData)
+           else ((train, test),))
+  out = []
+  for tr, te in pairs:
+    if tr.num_clients != te.num_clients:
+      raise ValueError(f"train and test data hold {tr.num_clients} and {te.num_clients} "
+                       "clients; a client's test data must be its own")
+    out.append((tr.sizes == 0) | (te.sizes == 0))
+  return np.concatenate(out)
+
+
+def handle_empty_clients(train, test, client_groups: Sequence | None, policy: str):
+  """Refuses, or leaves out, clients with no training or test examples.
+
+  A client with no training examples would train on nothing (a round of such clients logs a
+  loss of 0); one with no test examples would count as accuracy 0 in the per-client
+  statistics. So they are an error, unless the config asks for them to be excluded.
+
+  Args:
+    train, test: the federation's `FederatedData` (or `GroupedData`; excluding clients from a
+      subclass of `GroupedData` with fields of its own is refused).
+    client_groups: a group name per client, or None.
+    policy: ``config.data.empty_clients``: "error" or "exclude".
+
+  Returns:
+    (train, test, client_groups, number of clients excluded).
+
+  Raises:
+    ValueError (one line): an empty client under "error" (with the counts and the fixes); every
+      client empty; "exclude" on data that cannot drop clients.
+  """
+  empty = empty_clients(train, test)
+  if not empty.any():
+    return train, test, client_groups, 0
+  groups = (tuple(zip(train.groups, test.groups)) if isinstance(train, GroupedData)
+            else ((train, test),))
+  no_train = sum(int((tr.sizes == 0).sum()) for tr, _ in groups)
+  no_test = sum(int((te.sizes == 0).sum()) for _, te in groups)
+  what = (f"{int(empty.sum())} of {len(empty)} clients without examples ({no_train} without "
+          f"training examples, {no_test} without test examples; the first is client "
+          f"{int(np.flatnonzero(empty)[0])})")
+  if policy != "exclude":
+    raise ValueError(f"the partition leaves {what}; use fewer clients (data.partition."
+                     "num_clients), a larger min_size or a milder skew, or set "
+                     "config.data.empty_clients='exclude' to leave them out of the run")
+  if empty.all():
+    raise ValueError(f"the partition leaves {what}: every client, nothing to train on")
+  keep = ~empty
+  if isinstance(train, GroupedData):
+    if type(train) is not GroupedData or type(test) is not GroupedData:
+      raise ValueError(f"the partition leaves {what}, and config.data.empty_clients='exclude' "
+                       f"cannot drop clients from {type(train).__name__}; use fewer clients")
+    sizes = np.cumsum([0] + [g.num_clients for g in train.groups])
+    masks = [keep[lo:hi] for lo, hi in zip(sizes[:-1], sizes[1:])]
+    if not all(m.any() for m in masks):
+      raise ValueError(f"the partition leaves {what}: a whole group, nothing to train on")
+    train = dataclasses.replace(train, groups=tuple(
+        _keep_rows(g, m) for g, m in zip(train.groups, masks)))
+    test = dataclasses.replace(test, groups=tuple(
+        _keep_rows(g, m) for g, m in zip(test.groups, masks)))
+  else:
+    train, test = _keep_rows(train, keep), _keep_rows(test, keep)
+  if client_groups is not None:
+    client_groups = [g for g, k in zip(client_groups, keep) if k]
+  return train, test, client_groups, int(empty.sum())
