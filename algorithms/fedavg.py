@@ -19,13 +19,14 @@ from typing import Any
 
 import optax
 
+from fedjax_fm.chain import ChainConfig
 from fedjax_fm.protocol import Algorithm, ClientExecution, LossFn
 from fedjax_fm.fedavg_round import local_update_algorithm, make_client_optimizer
 
 
 def fedavg(loss_fn: LossFn, roles: Any, *, client_lr: float = 0.1, server_lr: float = 1.0,
            client_momentum: float | None = None, client_optimizer: str = "sgd",
-           weighted: bool = True,
+           weighted: bool = True, aggregation: ChainConfig | None = None,
            execution: ClientExecution | None = None) -> Algorithm:
   """FedAvg with SGD on the clients and `sgd(server_lr)` on the server.
 
@@ -37,9 +38,10 @@ def fedavg(loss_fn: LossFn, roles: Any, *, client_lr: float = 0.1, server_lr: fl
     client_momentum: optional local SGD momentum.
     client_optimizer: "sgd" (the paper) or "adamw" (`make_client_optimizer`).
     weighted: weight clients by example count (the paper) or equally.
+    aggregation: the server chain (`fedjax_fm.chain.ChainConfig`); None: the weighted mean.
     execution: how clients run in the program; see `ClientExecution`.
   """
   return local_update_algorithm(
       loss_fn, roles, make_client_optimizer(client_optimizer, client_lr, client_momentum),
       optax.sgd(server_lr),
-      weighted=weighted, execution=execution)
+      weighted=weighted, aggregation=aggregation, execution=execution)

@@ -76,7 +76,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from fedjax_fm import aggregate, clients, distill as distill_lib, client_update, roles as roles_lib
+from fedjax_fm import (aggregate, chain as chain_lib, clients, distill as distill_lib,
+                       client_update, roles as roles_lib)
 from fedjax_fm.protocol import (Algorithm, ClientExecution, LossFn, ServerState,
                                   default_execution, shared_bytes, stacked_personal)
 from fedjax_fm.cohort import Cohort
@@ -197,6 +198,7 @@ def feddat(logits_fn: LogitsFn, roles: PyTree, params: PyTree, *,
            client_optimizer: optax.GradientTransformation | None = None,
            server_optimizer: optax.GradientTransformation = optax.sgd(1.0),
            weighted: bool = True,
+           aggregation: chain_lib.ChainConfig | None = None,
            execution: ClientExecution | None = None) -> Algorithm:
   """Builds FedDAT (Chen et al. 2024); see the module docstring for the local update.
 
@@ -227,6 +229,8 @@ def feddat(logits_fn: LogitsFn, roles: PyTree, params: PyTree, *,
       `default_client_optimizer()` if None.
     server_optimizer: optax optimizer fed the pseudo-gradient -mean(delta A_s).
     weighted: weight clients by their example counts (True) or equally (False, the reference).
+    aggregation: the server chain's links on the A_s deltas (`fedjax_fm.chain.ChainConfig`);
+      None: the finite filter and the weighted mean.
     execution: how clients run inside the program; `default_execution()` if None.
 
   Returns:
@@ -240,6 +244,10 @@ def feddat(logits_fn: LogitsFn, roles: PyTree, params: PyTree, *,
     ValueError: for inconsistent adapter names, roles or hyperparameters.
   """
   execution = execution or default_execution()
+  server_chain = chain_lib.build_chain(aggregation or chain_lib.ChainConfig(), server_optimizer)
+  if server_chain.has_client_state:
+    raise ValueError("FedDAT keeps no chain state on its clients; use compression without "
+                     "error feedback (int8, int4, or top_k with error_feedback=False)")
   client_optimizer = client_optimizer or default_client_optimizer()
   adapter_names = tuple(adapter_names)
   if len(adapter_names) != 3 or len(set(adapter_names)) != 3:
@@ -371,15 +379,17 @@ def feddat(logits_fn: LogitsFn, roles: PyTree, params: PyTree, *,
     del rng
     shared = roles_lib.select(params, roles, SHARED)
     frozen = with_received_copy(roles_lib.select(params, roles, FROZEN), shared)
+    state = server_chain.init(shared)
     return ServerState(round=jnp.zeros((), jnp.int32), params=roles_lib.merge(shared, frozen),
-                       opt_state=server_optimizer.init(shared))
+                       opt_state=state.optimizer, chain=state.links)
 
   def init_clients(params: PyTree, num_clients: int) -> PyTree:
     return stacked_personal(params, roles, num_clients)
 
   def bytes_per_client(params: PyTree) -> tuple[int, int]:
     """Only the global adapter A_s (the shared leaves) goes down and comes back up."""
-    return shared_bytes(params, roles)
+    down, up = shared_bytes(params, roles)
+    return down, server_chain.upload_bytes(roles_lib.select(params, roles, SHARED), up)
 
   def round_fn(server: ServerState, client_states: PyTree, cohort: Cohort, rng: jax.Array):
     shared = roles_lib.select(server.params, roles, SHARED)
@@ -402,20 +412,16 @@ def feddat(logits_fn: LogitsFn, roles: PyTree, params: PyTree, *,
 
     ok = aggregate.finite_clients((deltas, new_personal, sums["loss_sum"]))
     weights = cohort.weights if weighted else (cohort.weights > 0).astype(cohort.weights.dtype)
-    weights = jnp.where(ok, weights, 0.0)
-    mean_delta = aggregate.weighted_mean(aggregate.zero_where_bad(deltas, ok), weights)
-    new_shared, new_opt_state = aggregate.server_update(server_optimizer, shared,
-                                                        server.opt_state, mean_delta)
-    any_ok = jnp.any(ok)  # with no healthy client nothing on the server moves
-    new_shared, new_opt_state = aggregate.keep_if(any_ok, (new_shared, new_opt_state),
-                                                  (shared, server.opt_state))
+    out = server_chain.apply(shared, deltas, weights, ok, (server.chain, server.opt_state), rng,
+                             round_num=server.round)
 
     client_states = clients.scatter_rows(client_states, ids, new_personal, keep=ok)
     metrics = aggregate.example_means(sums, ok)
     metrics["num_nonfinite_clients"] = cohort.num_clients - jnp.sum(ok)
+    metrics.update(out.metrics)
     server = server.replace(round=server.round + 1,
-                            params=roles_lib.merge(new_shared, frozen),
-                            opt_state=new_opt_state)
+                            params=roles_lib.merge(out.params, frozen),
+                            opt_state=out.state.optimizer, chain=out.state.links)
     return server, client_states, metrics
 
   return Algorithm(init=init, init_clients=init_clients, round=round_fn,

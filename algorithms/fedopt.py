@@ -17,6 +17,7 @@ from typing import Any
 
 import optax
 
+from fedjax_fm.chain import ChainConfig
 from fedjax_fm.protocol import Algorithm, ClientExecution, LossFn
 from fedjax_fm.fedavg_round import local_update_algorithm
 
@@ -40,32 +41,39 @@ def server_optimizer(name: str, lr: float, *, b1: float = 0.9, b2: float = 0.99,
 def fedopt(loss_fn: LossFn, roles: Any, *, server: str = "adam", server_lr: float = 1e-2,
            client_lr: float = 0.1, b1: float = 0.9, b2: float = 0.99, eps: float = 1e-3,
            momentum: float = 0.9, weighted: bool = True,
+           aggregation: ChainConfig | None = None,
            execution: ClientExecution | None = None) -> Algorithm:
   """FedAdam / FedYogi / FedAdagrad / FedAvgM by `server` name."""
   opt = server_optimizer(server, server_lr, b1=b1, b2=b2, eps=eps, momentum=momentum)
   return local_update_algorithm(loss_fn, roles, optax.sgd(client_lr), opt, weighted=weighted,
-                                execution=execution)
+                                aggregation=aggregation, execution=execution)
 
 
 def fedadam(loss_fn: LossFn, roles: Any, *, server_lr: float = 1e-2, client_lr: float = 0.1,
             b1: float = 0.9, b2: float = 0.99, eps: float = 1e-3, weighted: bool = True,
+            aggregation: ChainConfig | None = None,
             execution: ClientExecution | None = None) -> Algorithm:
   """FedAdam: `fedopt` with ``server="adam"``."""
   return fedopt(loss_fn, roles, server="adam", server_lr=server_lr, client_lr=client_lr, b1=b1,
-                b2=b2, eps=eps, weighted=weighted, execution=execution)
+                b2=b2, eps=eps, weighted=weighted, aggregation=aggregation,
+                execution=execution)
 
 
 def fedyogi(loss_fn: LossFn, roles: Any, *, server_lr: float = 1e-2, client_lr: float = 0.1,
             b1: float = 0.9, b2: float = 0.99, eps: float = 1e-3, weighted: bool = True,
+            aggregation: ChainConfig | None = None,
             execution: ClientExecution | None = None) -> Algorithm:
   """FedYogi: `fedopt` with ``server="yogi"``."""
   return fedopt(loss_fn, roles, server="yogi", server_lr=server_lr, client_lr=client_lr, b1=b1,
-                b2=b2, eps=eps, weighted=weighted, execution=execution)
+                b2=b2, eps=eps, weighted=weighted, aggregation=aggregation,
+                execution=execution)
 
 
 def fedavgm(loss_fn: LossFn, roles: Any, *, server_lr: float = 1.0, momentum: float = 0.9,
             client_lr: float = 0.1, weighted: bool = True,
+            aggregation: ChainConfig | None = None,
             execution: ClientExecution | None = None) -> Algorithm:
   """FedAvgM: `fedopt` with ``server="avgm"`` (server SGD with momentum)."""
   return fedopt(loss_fn, roles, server="avgm", server_lr=server_lr, momentum=momentum,
-                client_lr=client_lr, weighted=weighted, execution=execution)
+                client_lr=client_lr, weighted=weighted, aggregation=aggregation,
+                execution=execution)

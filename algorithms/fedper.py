@@ -16,13 +16,14 @@ import jax
 import optax
 
 from fedjax_fm import roles as roles_lib
+from fedjax_fm.chain import ChainConfig
 from fedjax_fm.protocol import Algorithm, ClientExecution, LossFn
 from fedjax_fm.fedavg_round import local_update_algorithm, make_client_optimizer
 
 
 def fedper(loss_fn: LossFn, roles: Any, params: Any, *, personal: str = r"^head/",
            client_lr: float = 0.1, server_lr: float = 1.0, client_optimizer: str = "sgd",
-           weighted: bool = True,
+           weighted: bool = True, aggregation: ChainConfig | None = None,
            execution: ClientExecution | None = None) -> Algorithm:
   """FedPer: leaves of `params` whose path matches `personal` become personal.
 
@@ -38,4 +39,5 @@ def fedper(loss_fn: LossFn, roles: Any, params: Any, *, personal: str = r"^head/
       lambda r, p: r if r == roles_lib.FROZEN else p, roles, pers)
   return local_update_algorithm(loss_fn, roles, make_client_optimizer(client_optimizer, client_lr),
                                 optax.sgd(server_lr),
-                                weighted=weighted, execution=execution)
+                                weighted=weighted, aggregation=aggregation,
+                                execution=execution)

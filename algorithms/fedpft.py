@@ -92,7 +92,7 @@ import numpy as np
 import optax
 from flax import struct
 
-from fedjax_fm import aggregate, client_update, roles as roles_lib
+from fedjax_fm import aggregate, chain as chain_lib, client_update, roles as roles_lib
 from fedjax_fm.protocol import (Algorithm, ClientExecution, ServerState, default_execution,
                                   stacked_personal)
 from fedjax_fm.algorithms.fedpft_alignment import (default_align_optimizer, least_active_mask,
@@ -281,6 +281,7 @@ def fedpft(forward: Forward | ProxyModel, roles: PyTree, params: PyTree, *,
            label_key: str = "y",
            mask_key: str = "attention_mask",
            weighted: bool = True,
+           aggregation: chain_lib.ChainConfig | None = None,
            execution: ClientExecution | None = None) -> Algorithm:
   """Builds FedPFT (Peng et al. 2024); see the module docstring.
 
@@ -325,6 +326,8 @@ def fedpft(forward: Forward | ProxyModel, roles: PyTree, params: PyTree, *,
     server_optimizer: fed the pseudo-gradient -mean(delta); `sgd(1.0)` is plain averaging.
     label_key, mask_key: batch keys of the labels (the encoder's) and the token mask.
     weighted: weight clients by their example counts (the paper) or equally (the code).
+    aggregation: the server chain on the sub-FM's LoRA + head deltas
+      (`fedjax_fm.chain.ChainConfig`); None: the finite filter and the weighted mean.
     execution: how clients run inside the program; `default_execution()` if None.
 
   Returns:
@@ -340,6 +343,14 @@ def fedpft(forward: Forward | ProxyModel, roles: PyTree, params: PyTree, *,
       `ProxyModel` has no ``forward`` (the decoder).
   """
   execution = execution or default_execution()
+  aggregation = aggregation or chain_lib.ChainConfig()
+  server_chain = chain_lib.build_chain(aggregation, server_optimizer)
+  if server_chain.has_client_state:
+    raise ValueError("FedPFT keeps no chain state on its clients; use compression without "
+                     "error feedback (int8, int4, or top_k with error_feedback=False)")
+  if aggregation.clip_norm is not None and align_every:
+    raise ValueError("user-level DP covers the LoRA and head updates only; neuron alignment "
+                     "(align_every > 0) also uploads activity counts: set align_every=0")
   client_optimizer = client_optimizer or optax.adam(8e-4)
   align_optimizer = align_optimizer or default_align_optimizer()
   model = forward if isinstance(forward, ProxyModel) else encoder_proxy(forward, label_key)
@@ -422,9 +433,9 @@ def fedpft(forward: Forward | ProxyModel, roles: PyTree, params: PyTree, *,
     # zero-size arrays in checkpoints).
     activity = jnp.zeros((len(compressed), num_neurons), jnp.float32) if compressed else None
     extra = ProxyState(sub_ffn=sub, activity=activity, layer_alignment=layer_losses)
-    return ServerState(round=jnp.zeros((), jnp.int32), params=full,
-                       opt_state=server_optimizer.init(model.cut_shared(shared, sub)),
-                       extra=extra)
+    state = server_chain.init(model.cut_shared(shared, sub))
+    return ServerState(round=jnp.zeros((), jnp.int32), params=full, opt_state=state.optimizer,
+                       extra=extra, chain=state.links)
 
   def init_clients(params: PyTree, num_clients: int) -> PyTree:
     return stacked_personal(params, roles, num_clients)
@@ -435,15 +446,18 @@ def fedpft(forward: Forward | ProxyModel, roles: PyTree, params: PyTree, *,
     shared = roles_lib.tree_bytes(jax.eval_shape(  # the sub-FM's LoRA + head
         lambda p, sub: model.cut_shared(roles_lib.select(p, roles, SHARED), sub), params,
         sub_shapes))
+    up = server_chain.upload_bytes(jax.eval_shape(
+        lambda p, sub: model.cut_shared(roles_lib.select(p, roles, SHARED), sub), params,
+        sub_shapes), shared)
     if not align_every:
-      return shared, shared
+      return shared, up
     # Down: per compressed layer the updated neurons' fc_in column, fc_in bias and fc_out row
     # with their int32 indices, plus fc_out's bias and the LayerNorm (float32).
     hidden = sub_shapes[compressed[0]]["mlp"]["fc_out"]["bias"].shape[0]
     updated = num_neurons - int(round(align_retained_ratio * num_neurons))
     refresh = len(compressed) * 4 * (updated * (2 * hidden + 2) + 3 * hidden)
     counts = len(compressed) * num_neurons * 4 + 4  # float32 counts per neuron + token count
-    return shared + refresh // align_every, shared + counts // align_every
+    return shared + refresh // align_every, up + counts // align_every
 
   def round_fn(server: ServerState, client_states: PyTree, cohort: Cohort, rng: jax.Array):
     full_shared = roles_lib.select(server.params, roles, SHARED)
@@ -466,15 +480,10 @@ def fedpft(forward: Forward | ProxyModel, roles: PyTree, params: PyTree, *,
 
     ok = aggregate.finite_clients((deltas, sums["loss_sum"]))
     weights = cohort.weights if weighted else (cohort.weights > 0).astype(cohort.weights.dtype)
-    weights = jnp.where(ok, weights, 0.0)
-    mean_delta = aggregate.weighted_mean(aggregate.zero_where_bad(deltas, ok), weights)
-    new_shared, new_opt_state = aggregate.server_update(server_optimizer, shared,
-                                                        server.opt_state, mean_delta)
-    any_ok = jnp.any(ok)
-    new_shared, new_opt_state = aggregate.keep_if(any_ok, (new_shared, new_opt_state),
-                                                  (shared, server.opt_state))
+    out = server_chain.apply(shared, deltas, weights, ok, (server.chain, server.opt_state),
+                             jax.random.fold_in(align_rng, 1), round_num=server.round)
     # The LoRA plugs into the full FM.
-    new_params = roles_lib.merge(model.plug_shared(full_shared, new_shared, sub_ffn), frozen)
+    new_params = roles_lib.merge(model.plug_shared(full_shared, out.params, sub_ffn), frozen)
 
     activity = server.extra.activity
     metrics = {}
@@ -493,6 +502,7 @@ def fedpft(forward: Forward | ProxyModel, roles: PyTree, params: PyTree, *,
       metrics["layer_align_loss_start"] = server.extra.layer_alignment[0]
       metrics["layer_align_loss_end"] = server.extra.layer_alignment[1]
     metrics["num_nonfinite_clients"] = cohort.num_clients - jnp.sum(ok)
+    metrics.update(out.metrics)
 
     if align_every:
       def align(sub):
@@ -511,8 +521,8 @@ def fedpft(forward: Forward | ProxyModel, roles: PyTree, params: PyTree, *,
       metrics["neuron_align_loss_start"] = align_losses[0]
       metrics["neuron_align_loss_end"] = align_losses[1]
 
-    server = server.replace(round=server.round + 1, params=new_params, opt_state=new_opt_state,
-                            extra=server.extra.replace(sub_ffn=sub_ffn, activity=activity))
+    server = server.replace(round=server.round + 1, params=new_params,
+                            opt_state=out.state.optimizer, chain=out.state.links, extra=server.extra.replace(sub_ffn=sub_ffn, activity=activity))
     return server, client_states, metrics
 
   return Algorithm(init=init, init_clients=init_clients, round=round_fn,

@@ -14,7 +14,7 @@ import optax
 
 from fedjax_fm.algorithms.fedpft import fedpft
 from fedjax_fm.algorithms.fedpft_alignment import default_align_optimizer
-from fedjax_fm.builders import Built, Federation, ModelBundle, read_hparams
+from fedjax_fm.builders import Built, Federation, ModelBundle, chain_config, read_hparams
 from fedjax_fm.data import shakespeare, text
 from fedjax_fm.evaluate import make_evaluator
 from fedjax_fm.models.sub_fm import model_forward
@@ -87,7 +87,8 @@ def build(config, model: ModelBundle, data: Federation, execution) -> Built:
                active_threshold=hp["active_threshold"],
                align_optimizer=default_align_optimizer(hp["align_lr"]),
                client_optimizer=optax.adam(hp["client_lr"]),
-               weighted=hp["weighted"], execution=execution)
+               weighted=hp["weighted"],
+               aggregation=chain_config(config, data.train.num_clients), execution=execution)
   return Built(alg, make_evaluator(model.loss(False), data.test))
 
 

@@ -15,13 +15,14 @@ from typing import Any
 
 import optax
 
+from fedjax_fm.chain import ChainConfig
 from fedjax_fm.protocol import Algorithm, ClientExecution, LossFn
 from fedjax_fm.fedavg_round import local_update_algorithm, make_client_optimizer
 
 
 def fedprox(loss_fn: LossFn, roles: Any, *, mu: float = 0.01, client_lr: float = 0.1,
             server_lr: float = 1.0, client_optimizer: str = "sgd", weighted: bool = True,
-            execution: ClientExecution | None = None) -> Algorithm:
+            aggregation: ChainConfig | None = None, execution: ClientExecution | None = None) -> Algorithm:
   """FedProx with proximal coefficient `mu` (the paper tunes mu in {0.001, 0.01, 0.1, 1});
   `client_optimizer` "sgd" (the paper) or "adamw" (`make_client_optimizer`)."""
   if mu < 0:
@@ -29,4 +30,4 @@ def fedprox(loss_fn: LossFn, roles: Any, *, mu: float = 0.01, client_lr: float =
   return local_update_algorithm(
       loss_fn, roles, make_client_optimizer(client_optimizer, client_lr), optax.sgd(server_lr),
       proximal_mu=mu,
-      weighted=weighted, execution=execution)
+      weighted=weighted, aggregation=aggregation, execution=execution)

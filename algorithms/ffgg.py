@@ -27,7 +27,8 @@ Variants, all in the same one-jitted-round program (`ffgg_algorithm`):
   the current x (with K = 1 this is the paper's one-update-per-arrival server).
 - Byzantine-robust FFGG: some sampled clients (a fraction chosen from the round key, or fixed
   client ids) replace their update by an attack (`ByzantineAttack`), and the server aggregates
-  with the coordinate-wise median after bucketing or the trimmed mean (`fedjax_fm.aggregate`).
+  with the coordinate-wise median after bucketing or the trimmed mean: the aggregating link of
+  the server chain (`fedjax_fm.chain`), which every round ends in.
 
 Where the reference code (Rustem-Islamov/FL_representations, synthetic notebooks) differs:
 
@@ -59,21 +60,19 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from fedjax_fm import aggregate, clients, client_update, roles as roles_lib
+from fedjax_fm import aggregate, chain as chain_lib, clients, client_update, roles as roles_lib
 from fedjax_fm.protocol import (Algorithm, ClientExecution, LossFn, ServerState,
                                   default_execution, shared_bytes, stacked_personal)
 from fedjax_fm.cohort import Cohort
 from fedjax_fm.roles import FROZEN, PERSONAL, SHARED
 
 PyTree = Any
-# aggregator(stacked updates [K, ...], weights [K], rng) -> aggregated update.
-Aggregator = Callable[[PyTree, jax.Array, jax.Array], PyTree]
 # delay_sampler(rng, k) -> int32 [K] delays (clipped to [0, max_delay]).
 DelaySampler = Callable[[jax.Array, int], jax.Array]
 
 PERSONAL_INITS = ("warm", "initial", "normal")
 ATTACKS = ("flip", "scale", "gaussian")
-AGGREGATORS = ("mean", "median", "trimmed_mean")
+AGGREGATORS = ("mean", "median", "trimmed_mean")  # FFGG's names of the chain's aggregators
 
 
 # ------------------------------------------------------------------------------------------------
@@ -209,27 +208,29 @@ def apply_attack(updates: PyTree, is_attacker: jax.Array, attack: ByzantineAttac
   return jax.tree_util.tree_map(pick, attacked, updates)
 
 
-# ------------------------------------------------------------------------------------------------
-# Aggregators
-
-
-def make_aggregator(name: str | Aggregator, bucket_size: int = 2,
-                    trim_fraction: float = 0.1) -> Aggregator:
-  """``"mean"`` (weighted), ``"median"`` (coordinate-wise, after random bucketing of
-  `bucket_size`), ``"trimmed_mean"``, or a callable (stacked, weights, rng) -> update.
+def server_chain_config(aggregation: chain_lib.ChainConfig | None, aggregator: str,
+                        bucket_size: int, trim_fraction: float) -> chain_lib.ChainConfig:
+  """The server chain of FFGG: `aggregation` (the run's ``config.aggregation`` and
+  ``config.privacy``) with FFGG's own `aggregator`, `bucket_size` and `trim_fraction` knobs
+  (``"mean"``, ``"median"`` after bucketing, ``"trimmed_mean"``) as its aggregating link.
 
   The robust aggregators count every slot of the cohort: a padded or dropped (non-finite) client
   sends a zero update, a vote for not moving.
+
+  Raises:
+    ValueError: an unknown aggregator, or one that contradicts a non-mean
+      ``config.aggregation.aggregator``.
   """
-  if callable(name):
-    return name
-  if name == "mean":
-    return lambda stacked, weights, rng: aggregate.weighted_mean(stacked, weights)
-  if name == "median":
-    return lambda stacked, weights, rng: aggregate.coordinate_median(stacked, rng, bucket_size)
-  if name == "trimmed_mean":
-    return lambda stacked, weights, rng: aggregate.trimmed_mean(stacked, trim_fraction)
-  raise ValueError(f"unknown aggregator {name!r}; use one of {AGGREGATORS} or a callable")
+  if aggregator not in AGGREGATORS:
+    raise ValueError(f"unknown aggregator {aggregator!r}; use one of {AGGREGATORS}")
+  aggregation = aggregation or chain_lib.ChainConfig()
+  if aggregator == "mean":
+    return aggregation
+  if aggregation.aggregator not in ("mean", aggregator):
+    raise ValueError(f"FFGG's aggregator={aggregator!r} contradicts config.aggregation."
+                     f"aggregator={aggregation.aggregator!r}; set one of them")
+  return dataclasses.replace(aggregation, aggregator=aggregator, bucket_size=bucket_size,
+                             trim_fraction=trim_fraction)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -262,10 +263,11 @@ def ffgg_algorithm(
     max_delay: int = 0,
     delay_distribution: str | DelaySampler = "uniform",
     attack: ByzantineAttack | None = None,
-    aggregator: str | Aggregator = "mean",
+    aggregator: str = "mean",
     bucket_size: int = 2,
     trim_fraction: float = 0.1,
     weighted: bool = False,
+    aggregation: chain_lib.ChainConfig | None = None,
     execution: ClientExecution | None = None,
 ) -> Algorithm:
   """Builds FFGG (Mishchenko et al. 2023, Algorithms 1, 3, 4 and the Byzantine-robust variant).
@@ -293,10 +295,13 @@ def ffgg_algorithm(
     max_delay: asynchronous FFGG: the largest staleness; 0 is synchronous.
     delay_distribution: ``"uniform"`` on {0..max_delay}, ``"constant"`` or a callable.
     attack: Byzantine clients and their attack; None: every client is honest.
-    aggregator: ``"mean"``, ``"median"`` (after bucketing), ``"trimmed_mean"`` or a callable.
+    aggregator: ``"mean"``, ``"median"`` (after bucketing) or ``"trimmed_mean"``: the server
+      chain's aggregating link (`server_chain_config`).
     bucket_size: clients averaged per bucket before the median (the paper uses 2).
     trim_fraction: the fraction trimmed at each end by ``"trimmed_mean"``.
     weighted: weight clients by example count; False (default) is the paper's uniform 1/|S|.
+    aggregation: the rest of the server chain (`fedjax_fm.chain.ChainConfig`: clipping, noise,
+      compression); None: the finite filter and the aggregator only.
     execution: how clients run in the program; `default_execution()` if None.
 
   Returns:
@@ -315,7 +320,11 @@ def ffgg_algorithm(
     raise ValueError("refine_personal applies to Local FFGG only (local_steps > 0)")
   if max_delay < 0 or personal_steps < 0 or local_steps < 0:
     raise ValueError("max_delay, personal_steps and local_steps must be >= 0")
-  reduce_updates = make_aggregator(aggregator, bucket_size, trim_fraction)
+  server_chain = chain_lib.build_chain(
+      server_chain_config(aggregation, aggregator, bucket_size, trim_fraction), server_optimizer)
+  if server_chain.has_client_state:
+    raise ValueError("FFGG keeps no chain state on its clients; use compression without "
+                     "error feedback (int8, int4, or top_k with error_feedback=False)")
   asynchronous = max_delay > 0
 
   def init(params: PyTree, rng: jax.Array) -> ServerState:
@@ -325,15 +334,17 @@ def ffgg_algorithm(
         history=history_init(shared, max_delay + 1) if asynchronous else None,
         initial_personal=(roles_lib.select(params, roles, PERSONAL)
                           if personal_init == "initial" else None))
+    state = server_chain.init(shared)
     return ServerState(round=jnp.zeros((), jnp.int32),
                        params=roles_lib.select(params, roles, SHARED, FROZEN),
-                       opt_state=server_optimizer.init(shared), extra=extra)
+                       opt_state=state.optimizer, extra=extra, chain=state.links)
 
   def init_clients(params: PyTree, num_clients: int) -> PyTree:
     return stacked_personal(params, roles, num_clients)
 
   def bytes_per_client(params: PyTree) -> tuple[int, int]:
-    return shared_bytes(params, roles)
+    down, up = shared_bytes(params, roles)
+    return down, server_chain.upload_bytes(roles_lib.select(params, roles, SHARED), up)
 
   def start_personal(rows: PyTree, k: int, extra: FFGGExtra, rng: jax.Array) -> PyTree:
     """Where the K sampled clients' y start this round (see `personal_init`)."""
@@ -463,18 +474,11 @@ def ffgg_algorithm(
       is_attacker = choose_attackers(choose_rng, attack, ids, cohort.weights)
       updates = apply_attack(updates, is_attacker & ok, attack, attack_rng)
       metrics["num_attackers"] = jnp.sum(is_attacker)
-    # The server sees only what was sent: it drops non-finite updates.
-    accepted = ok & aggregate.finite_clients(updates)
-    updates = aggregate.zero_where_bad(updates, accepted)
+    # The server sees only what was sent: the chain's finite filter drops non-finite updates.
     base = cohort.weights if weighted else (cohort.weights > 0).astype(cohort.weights.dtype)
-    weights = jnp.where(accepted, base, 0.0)
-    reduced = reduce_updates(updates, weights, agg_rng)
-    new_shared, new_opt_state = aggregate.server_update(server_optimizer, shared,
-                                                        server.opt_state, reduced)
-    # With no accepted client the server state must not move (not even optimizer moments).
-    any_ok = jnp.any(weights > 0)
-    new_shared, new_opt_state = aggregate.keep_if(any_ok, (new_shared, new_opt_state),
-                                                  (shared, server.opt_state))
+    out = server_chain.apply(shared, updates, base, ok, (server.chain, server.opt_state),
+                             agg_rng, round_num=server.round)
+    new_shared = out.params
 
     extra = server.extra
     if asynchronous:
@@ -485,9 +489,10 @@ def ffgg_algorithm(
 
     client_states = clients.scatter_rows(client_states, ids, new_personal, keep=ok)
     metrics.update(aggregate.example_means(sums, ok))
-    metrics["num_nonfinite_clients"] = k - jnp.sum(accepted)
+    metrics["num_nonfinite_clients"] = k - jnp.sum(out.accepted)
+    metrics.update(out.metrics)
     server = server.replace(round=server.round + 1, params=roles_lib.merge(new_shared, frozen),
-                            opt_state=new_opt_state, extra=extra)
+                            opt_state=out.state.optimizer, extra=extra, chain=out.state.links)
     return server, client_states, metrics
 
   return Algorithm(init=init, init_clients=init_clients, round=round_fn,
@@ -506,6 +511,7 @@ def ffgg(loss_fn: LossFn, roles: Any, params: Any = None, *, personal: str | Non
          attacker_fraction: float = 0.0, attacker_ids: Sequence[int] | None = None,
          attack_scale: float = 1.0, attack_noise_std: float = 1.0, aggregator: str = "mean",
          bucket_size: int = 2, trim_fraction: float = 0.1, weighted: bool = False,
+         aggregation: chain_lib.ChainConfig | None = None,
          execution: ClientExecution | None = None) -> Algorithm:
   """FFGG and its variants from flat hyperparameters, SGD everywhere (as in the paper).
 
@@ -522,7 +528,8 @@ def ffgg(loss_fn: LossFn, roles: Any, params: Any = None, *, personal: str | Non
     server_lr: gamma (plain FFGG: x <- x - gamma * mean g); Local FFGG: the step on the mean delta.
     local_steps, local_lr: Local FFGG's SGD steps on x.
     refine_personal, personal_init, personal_init_scale, max_delay, delay_distribution,
-      aggregator, bucket_size, trim_fraction, weighted, execution: see `ffgg_algorithm`.
+      aggregator, bucket_size, trim_fraction, weighted, aggregation, execution: see
+      `ffgg_algorithm`.
     attack, attacker_fraction, attacker_ids, attack_scale, attack_noise_std: see
       `ByzantineAttack` (kind, fraction, client_ids, scale, noise_std).
   """
@@ -543,4 +550,4 @@ def ffgg(loss_fn: LossFn, roles: Any, params: Any = None, *, personal: str | Non
       personal_init_scale=personal_init_scale, max_delay=max_delay,
       delay_distribution=delay_distribution, attack=byzantine, aggregator=aggregator,
       bucket_size=bucket_size, trim_fraction=trim_fraction, weighted=weighted,
-      execution=execution)
+      aggregation=aggregation, execution=execution)

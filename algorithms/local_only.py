@@ -14,12 +14,13 @@ import jax
 import optax
 
 from fedjax_fm import roles as roles_lib
+from fedjax_fm.chain import ChainConfig
 from fedjax_fm.protocol import Algorithm, ClientExecution, LossFn
 from fedjax_fm.fedavg_round import local_update_algorithm, make_client_optimizer
 
 
 def local_only(loss_fn: LossFn, roles: Any, *, client_lr: float = 0.1,
-               client_optimizer: str = "sgd",
+               client_optimizer: str = "sgd", aggregation: ChainConfig | None = None,
                execution: ClientExecution | None = None) -> Algorithm:
   """Local training: `shared` leaves of `roles` become personal; frozen stay frozen.
   `client_optimizer`: "sgd" or "adamw" (`make_client_optimizer`)."""
@@ -27,4 +28,4 @@ def local_only(loss_fn: LossFn, roles: Any, *, client_lr: float = 0.1,
       lambda r: roles_lib.FROZEN if r == roles_lib.FROZEN else roles_lib.PERSONAL, roles)
   return local_update_algorithm(loss_fn, personal,
                                 make_client_optimizer(client_optimizer, client_lr), optax.sgd(1.0),
-                                execution=execution)
+                                aggregation=aggregation, execution=execution)

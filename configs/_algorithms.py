@@ -75,6 +75,42 @@ def algorithm(name: str, common: dict | None = None, **overrides) -> ml_collecti
   return ml_collections.ConfigDict(dict(name=name, hparams=ml_collections.ConfigDict(hparams)))
 
 
+def aggregation(**overrides) -> ml_collections.ConfigDict:
+  """``config.aggregation``: the server chain's aggregator and upload compression
+  (`fedjax_fm.chain.ChainConfig`, docs/algorithms.md 6).
+
+  aggregator: mean | median (coordinate-wise, after random bucketing of bucket_size) |
+  trimmed_mean (trim_fraction at each end) | norm_bounded_mean (norm_bound, None: the cohort's
+  median norm). compression: None | int8 | int4 (stochastic quantization) | top_k
+  (top_k_fraction of each leaf, with error_feedback kept on the client).
+  """
+  c = ml_collections.ConfigDict(dict(
+      aggregator="mean", bucket_size=2, trim_fraction=0.1,
+      norm_bound=config_dict.placeholder(float), compression=config_dict.placeholder(str),
+      top_k_fraction=0.01, error_feedback=True))
+  c.update(overrides)
+  return c
+
+
+def privacy(**overrides) -> ml_collections.ConfigDict:
+  """``config.privacy``: user-level DP-FedAvg, off until noise_multiplier or target_epsilon is
+  set (`fedjax_fm.builders.chain_config`, `fedjax_fm.privacy`).
+
+  clip_norm: the per-client L2 clip (the initial one with adaptive_clip: tracks the
+  target_quantile of update norms at clip_learning_rate, its count noised with count_noise_std,
+  None: max(cohort / 20, z)). delta None: 1 / number of clients. accountant: rdp | pld.
+  sampling: poisson (the usual DP-FedAvg accounting of the rate cohort / clients) | fixed (the
+  engine's fixed-size cohorts, replace-one, rdp only).
+  """
+  c = ml_collections.ConfigDict(dict(
+      clip_norm=1.0, noise_multiplier=config_dict.placeholder(float),
+      target_epsilon=config_dict.placeholder(float), delta=config_dict.placeholder(float),
+      adaptive_clip=False, target_quantile=0.5, clip_learning_rate=0.2,
+      count_noise_std=config_dict.placeholder(float), accountant="rdp", sampling="poisson"))
+  c.update(overrides)
+  return c
+
+
 def select(arg: str | None, file: str, variants: tuple[str, ...] = ("tiny",),
            algorithms: tuple[str, ...] = tuple(HPARAMS)) -> tuple[str | None, str | None]:
   """Splits a config argument ``"tiny"``, ``"fedprox"`` or ``"tiny,fedprox"`` into

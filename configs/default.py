@@ -66,6 +66,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.max_bad_rounds = 3
   c.mesh = (("clients", -1),)
   c.execution = ml_collections.ConfigDict(dict(strategy="vmap", chunk_size=8, scan_unroll=1))
+  # The server chain (aggregator, upload compression) and user-level DP, off until
+  # privacy.noise_multiplier or privacy.target_epsilon is set (configs/_algorithms.py).
+  c.aggregation = _algorithms.aggregation()
+  c.privacy = _algorithms.privacy()
   if variant == "tiny":
     c.rounds = 2
     c.algorithm = _algorithms.algorithm(algorithm or "fedavg", common=dict(client_lr=0.5))

@@ -8,6 +8,8 @@ examples in a few seconds of training on a laptop CPU.
   python launch.py --config configs/digits.py:tiny            # seconds
   python launch.py --config configs/digits.py:fedper --workdir runs/fp
   python launch.py --config configs/digits.py --config.data.partition.kind=dirichlet
+  python launch.py --config configs/digits.py --config.privacy.target_epsilon=4   # DP-FedAvg
+  python launch.py --config configs/digits.py --config.aggregation.aggregator=median
 
 The argument after the colon is ``tiny`` and/or an algorithm of `configs/_algorithms.py`
 (``fedprox``, ``fedper``, ``tiny,fedadam``, ...): that algorithm with every one of its
@@ -46,6 +48,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mesh = (("clients", -1),)
   # vmap | chunked | unrolled, or "auto" (vmap on GPU/TPU, the CPU choice of BENCHMARKS.md).
   c.execution = ml_collections.ConfigDict(dict(strategy="vmap", chunk_size=8, scan_unroll=1))
+  # The server chain (aggregator, upload compression) and user-level DP, off until
+  # privacy.noise_multiplier or privacy.target_epsilon is set (configs/_algorithms.py).
+  c.aggregation = _algorithms.aggregation()
+  c.privacy = _algorithms.privacy()
   if variant == "tiny":
     c.rounds = 3
     c.data.partition.num_clients = 8

@@ -23,6 +23,8 @@ import math
 import numbers
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
+from fedjax_fm import privacy
+from fedjax_fm.chain import ChainConfig
 from fedjax_fm.protocol import Algorithm, ClientExecution, LossFn
 from fedjax_fm.cohort import FederatedData, GroupedData
 from fedjax_fm.evaluate import make_evaluator
@@ -127,7 +129,7 @@ def factory_hparams(factory: Callable[..., Any], wired: Sequence[str] = (),
                     fixed: Mapping[str, Any] | None = None) -> tuple[str, ...]:
   """The keyword hyperparameters of an algorithm factory: its parameters other than the
   positional inputs the builder wires (`wired`) and those it fixes (`fixed`)."""
-  skip = set(wired) | set(fixed or {}) | {"execution"}
+  skip = set(wired) | set(fixed or {}) | {"execution", "aggregation"}
   out = []
   for p in inspect.signature(factory).parameters.values():
     if p.kind == p.VAR_KEYWORD:
@@ -210,6 +212,56 @@ def validate_config(config) -> None:
   check_finite(config)
   if config.algorithm.hparams is not None:
     check_hparams(dict(config.algorithm.hparams.items()))
+  if "privacy" in config:
+    p = config.privacy
+    privacy.check_privacy_values(p.clip_norm, p.noise_multiplier, p.target_epsilon, p.delta)
+
+
+# ---- the server chain: config.aggregation and config.privacy ----
+
+def chain_config(config, num_clients: int) -> ChainConfig:
+  """The server chain the config names (`fedjax_fm.chain.ChainConfig`), privacy calibrated.
+
+  ``config.aggregation`` picks the aggregator and the compression; ``config.privacy`` turns on
+  user-level DP-FedAvg when it sets ``noise_multiplier`` or ``target_epsilon``: per-client
+  clipping at ``clip_norm`` (adaptive with ``adaptive_clip``), the DP mean and Gaussian noise,
+  with ``privacy/epsilon`` reported every round. The sampling rate is cohort_size /
+  `num_clients`; ``delta`` None is 1 / `num_clients`. A config without these sections (one
+  built by hand) runs the default chain.
+
+  Raises:
+    ValueError: a bad privacy value, or a target epsilon the configured rounds cannot meet.
+  """
+  kwargs = {}
+  if "aggregation" in config:
+    a = config.aggregation
+    kwargs.update(aggregator=a.aggregator, bucket_size=a.bucket_size,
+                  trim_fraction=a.trim_fraction, norm_bound=a.norm_bound,
+                  compression=a.compression, top_k_fraction=a.top_k_fraction,
+                  error_feedback=a.error_feedback)
+  p = config.privacy if "privacy" in config else None
+  if p is None or (p.noise_multiplier is None and p.target_epsilon is None):
+    return ChainConfig(**kwargs)
+  privacy.check_privacy_values(p.clip_norm, p.noise_multiplier, p.target_epsilon, p.delta)
+  delta = p.delta if p.delta is not None else 1.0 / num_clients
+  rate = config.cohort_size / num_clients
+  account = dict(accountant=p.accountant, sampling=p.sampling, population=num_clients)
+  z = (p.noise_multiplier if p.noise_multiplier is not None else
+       privacy.noise_multiplier(p.target_epsilon, rate, config.rounds, delta, **account))
+  count_std = 0.0
+  z_updates = z
+  if p.adaptive_clip and z:
+    # Andrew et al. 2021 suggest cohort/20; at least z, so the updates' noise grows <= 2/sqrt(3).
+    count_std = (p.count_noise_std if p.count_noise_std is not None
+                 else max(config.cohort_size / 20.0, z))
+    z_updates = privacy.update_noise_multiplier(z, count_std)
+  return ChainConfig(
+      **kwargs, clip_norm=p.clip_norm, adaptive_clip=p.adaptive_clip,
+      target_quantile=p.target_quantile, clip_learning_rate=p.clip_learning_rate,
+      count_noise_std=count_std, noise_multiplier=z_updates,
+      # z = 0 clips without noise: no finite epsilon to report.
+      epsilons=tuple(privacy.epsilons_per_round(z, rate, config.rounds, delta, **account))
+      if z else None)
 
 
 # ---- the builder of every algorithm that trains one model on its task loss ----
@@ -221,6 +273,7 @@ def loss_builder(factory: Callable[..., Algorithm], **fixed) -> AlgorithmBuilder
   factory from ``config.algorithm.hparams`` except those in `fixed`; evaluation of the model's
   loss without dropout on the test data (personalized and global)."""
   takes_params = "params" in inspect.signature(factory).parameters
+  takes_aggregation = "aggregation" in inspect.signature(factory).parameters
   names = factory_hparams(factory, wired=("loss_fn", "roles", "params"), fixed=fixed)
 
   def build(config, model: ModelBundle, data: Federation, execution: ClientExecution) -> Built:
@@ -230,6 +283,8 @@ def loss_builder(factory: Callable[..., Algorithm], **fixed) -> AlgorithmBuilder
                        f"{config.algorithm.name!r} cannot train it; use the algorithm its "
                        "config file names")
     wired = {"params": model.params} if takes_params else {}
+    if takes_aggregation:
+      wired["aggregation"] = chain_config(config, data.train.num_clients)
     alg = factory(model.loss(True), model.roles, execution=execution, **wired, **fixed, **hp)
     return Built(alg, make_evaluator(model.loss(False), data.test))
 

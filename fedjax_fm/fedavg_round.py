@@ -5,36 +5,30 @@ One round, all inside one jitted program:
 1. gather the K sampled clients' personal rows; broadcast the shared parameters;
 2. map the local training over clients (`ClientExecution`): shared + personal leaves are trained,
    frozen leaves are a closed-over constant (one copy, never stacked per client);
-3. drop clients whose update is non-finite (counted in the metrics);
-4. aggregate the shared deltas (weighted mean by default) and apply the server optimizer to the
-   pseudo-gradient -mean(delta) (Reddi et al. 2021);
-5. scatter the personal rows back.
+3. hand the shared deltas to the server chain (`fedjax_fm.chain`): it drops non-finite
+   clients, compresses, clips, aggregates (weighted mean by default), adds noise and applies
+   the server optimizer to the pseudo-gradient -aggregate (Reddi et al. 2021);
+4. scatter the personal rows (and a chain link's personal state, e.g. an error-feedback
+   residual) back.
 
 Algorithms are thin factories over `local_update_algorithm` (see `fedjax_fm.algorithms`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_fm import aggregate, clients, client_update, roles as roles_lib
+from fedjax_fm import aggregate, chain as chain_lib, clients, client_update, roles as roles_lib
 from fedjax_fm.protocol import (Algorithm, ClientExecution, LossFn, ServerState,
                                   default_execution, shared_bytes, stacked_personal)
 from fedjax_fm.cohort import Cohort
 from fedjax_fm.roles import FROZEN, PERSONAL, SHARED
 
 PyTree = Any
-# aggregator(stacked deltas [K, ...], weights [K], rng) -> aggregated delta.
-Aggregator = Callable[[PyTree, jax.Array, jax.Array], PyTree]
-
-
-def mean_aggregator(stacked: PyTree, weights: jax.Array, rng: jax.Array) -> PyTree:
-  del rng
-  return aggregate.weighted_mean(stacked, weights)
 
 
 CLIENT_OPTIMIZERS = ("sgd", "adamw")
@@ -70,7 +64,7 @@ def local_update_algorithm(
     server_optimizer: optax.GradientTransformation = optax.sgd(1.0),
     *,
     proximal_mu: float = 0.0,
-    aggregator: Aggregator = mean_aggregator,
+    aggregation: chain_lib.ChainConfig | None = None,
     weighted: bool = True,
     execution: ClientExecution | None = None,
 ) -> Algorithm:
@@ -82,7 +76,8 @@ def local_update_algorithm(
     client_optimizer: optax optimizer for local steps; its state is fresh each round.
     server_optimizer: optax optimizer fed the pseudo-gradient; `sgd(1.0)` is plain averaging.
     proximal_mu: FedProx's mu: adds mu/2 * ||w_shared - w_global||^2 to the local loss.
-    aggregator: reduces the stacked shared deltas; the weighted mean by default.
+    aggregation: the server chain's links (`fedjax_fm.chain.ChainConfig`: aggregator,
+      compression, clipping, noise); None: finite filter, weighted mean, `server_optimizer`.
     weighted: weight clients by their example counts (True) or equally (False).
     execution: how clients execute in the program and on which mesh; `default_execution()`
       if None.
@@ -91,26 +86,40 @@ def local_update_algorithm(
     An `Algorithm`.
   """
   execution = execution or default_execution()
+  aggregation = aggregation or chain_lib.ChainConfig()
+  server_chain = chain_lib.build_chain(aggregation, server_optimizer)
+  # A chain link's personal state (top-k's residual) rides along the personal rows.
+  with_chain_rows = server_chain.has_client_state
+  if aggregation.compresses and SHARED not in jax.tree_util.tree_leaves(roles):
+    raise ValueError(f"compression ({aggregation.compression}) needs an algorithm that sends "
+                     "shared parameters; this one keeps every trained leaf on the client")
 
   def init(params: PyTree, rng: jax.Array) -> ServerState:
     del rng
     server_params = roles_lib.select(params, roles, SHARED, FROZEN)
-    shared = roles_lib.select(params, roles, SHARED)
+    state = server_chain.init(roles_lib.select(params, roles, SHARED))
     return ServerState(round=jnp.zeros((), jnp.int32), params=server_params,
-                       opt_state=server_optimizer.init(shared))
+                       opt_state=state.optimizer, chain=state.links)
 
   def init_clients(params: PyTree, num_clients: int) -> PyTree:
-    return stacked_personal(params, roles, num_clients)
+    personal = stacked_personal(params, roles, num_clients)
+    if not with_chain_rows:
+      return personal
+    return {"personal": personal,
+            "chain": server_chain.init_clients(roles_lib.select(params, roles, SHARED),
+                                               num_clients)}
 
   def bytes_per_client(params: PyTree) -> tuple[int, int]:
-    return shared_bytes(params, roles)
+    down, up = shared_bytes(params, roles)
+    return down, server_chain.upload_bytes(roles_lib.select(params, roles, SHARED), up)
 
   def round_fn(server: ServerState, client_states: PyTree, cohort: Cohort, rng: jax.Array):
     shared = roles_lib.select(server.params, roles, SHARED)
     frozen = roles_lib.select(server.params, roles, FROZEN)
     k = cohort.num_clients
     ids = cohort.client_ids
-    personal = execution.constrain(clients.gather_rows(client_states, ids))
+    rows = execution.constrain(clients.gather_rows(client_states, ids))
+    personal = rows["personal"] if with_chain_rows else rows
     local_rng, agg_rng = jax.random.split(rng)
     keys = jax.random.split(local_rng, k)
 
@@ -138,22 +147,18 @@ def local_update_algorithm(
     ok = aggregate.finite_clients((deltas, new_personal, sums["loss_sum"]))
     # Unweighted: every real client counts 1; padding slots (weight 0) must stay 0.
     weights = cohort.weights if weighted else (cohort.weights > 0).astype(cohort.weights.dtype)
-    weights = jnp.where(ok, weights, 0.0)
-    deltas = aggregate.zero_where_bad(deltas, ok)
-    mean_delta = aggregator(deltas, weights, agg_rng)
-    new_shared, new_opt_state = aggregate.server_update(server_optimizer, shared,
-                                                        server.opt_state, mean_delta)
-    # With no healthy client the server state must not move (not even optimizer moments).
-    any_ok = jnp.any(ok)
-    new_shared, new_opt_state = aggregate.keep_if(any_ok, (new_shared, new_opt_state),
-                                                  (shared, server.opt_state))
+    out = server_chain.apply(shared, deltas, weights, ok, (server.chain, server.opt_state),
+                             agg_rng, round_num=server.round,
+                             client=rows["chain"] if with_chain_rows else None)
 
-    client_states = clients.scatter_rows(client_states, ids, new_personal, keep=ok)
+    new_rows = {"personal": new_personal, "chain": out.client} if with_chain_rows else new_personal
+    client_states = clients.scatter_rows(client_states, ids, new_rows, keep=ok)
     metrics = aggregate.example_means(sums, ok)
     metrics["num_nonfinite_clients"] = k - jnp.sum(ok)
+    metrics.update(out.metrics)
     server = server.replace(round=server.round + 1,
-                            params=roles_lib.merge(new_shared, frozen),
-                            opt_state=new_opt_state)
+                            params=roles_lib.merge(out.params, frozen),
+                            opt_state=out.state.optimizer, chain=out.state.links)
     return server, client_states, metrics
 
   return Algorithm(init=init, init_clients=init_clients, round=round_fn,

@@ -39,11 +39,14 @@ class ServerState:
     params: the global parameters: `shared` and `frozen` leaves; `personal` leaves are None.
     opt_state: the server optimizer's state (opaque; only its optimizer reads it).
     extra: algorithm-specific server state (empty for the baselines).
+    chain: the state of the server chain's links other than the optimizer (an adaptive clip
+      norm, say; `fedjax_fm.chain.ChainState.links`), checkpointed with the rest.
   """
   round: jax.Array
   params: PyTree
   opt_state: Any
   extra: Any = None
+  chain: Any = ()
 
 
 class Algorithm(NamedTuple):

@@ -85,7 +85,7 @@ class RoundRunner:
     cs = sharding.client_sharding(mesh)
     # A ServerState-shaped prefix: parameters as given, everything else replicated.
     self.server_sharding = rep if param_shardings is None else ServerState(
-        round=rep, params=param_shardings, opt_state=rep, extra=rep)
+        round=rep, params=param_shardings, opt_state=rep, extra=rep, chain=rep)
 
     def traced_round(server, clients, cohort, rng):
       self.traces += 1  # Python side effect: runs once per trace, never per call.

@@ -205,7 +205,9 @@ def train(alg: Algorithm, params: PyTree,
     problem = round_problem(train_metrics, sum(cohort_sizes))
     if problem:  # averages over no healthy client are not 0: NaN
       train_metrics = {k: v if _is_count(k) else float("nan") for k, v in train_metrics.items()}
-    record = {"round": r + 1, **{f"train/{k}": v for k, v in train_metrics.items()},
+    # Round metrics under train/, except a run-level report such as privacy/epsilon.
+    record = {"round": r + 1, **{k if k.startswith("privacy/") else f"train/{k}": v
+                                 for k, v in train_metrics.items()},
               "bytes_down": down * sum(cohort_sizes), "bytes_up": up * sum(cohort_sizes)}
     if eval_metrics is not None:
       last_eval = report.jsonable(distributed.fetch(eval_metrics))  # may span hosts
@@ -217,7 +219,8 @@ def train(alg: Algorithm, params: PyTree,
     bar.update(1)
     postfix = {k.split("/")[-1] if k.startswith("train") else k: f"{v:.3f}"
                for k, v in record.items()
-               if k in ("train/loss", "train/accuracy", "personalized/accuracy")}
+               if k in ("train/loss", "train/accuracy", "personalized/accuracy",
+                        "privacy/epsilon")}
     bad_streak = bad_streak + 1 if problem else 0
     bad_total = sum(is_bad_record(h) for h in history)
     if bad_total:
