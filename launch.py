@@ -163,8 +163,20 @@ def _run():
           "checkpoints/)", flush=True)
 
 
+def _unraisable(hook):
+  """`sys.unraisablehook` without the one known-harmless message: after a failed checkpoint
+  read, TensorStore completes orbax's futures on an event loop orbax has already closed, and each
+  prints a traceback ("Event loop is closed") in the middle of a one-line error."""
+  def filtered(unraisable):
+    if not (unraisable.exc_type is RuntimeError
+            and str(unraisable.exc_value) == "Event loop is closed"):
+      hook(unraisable)
+  return filtered
+
+
 def main(argv):
   del argv
+  sys.unraisablehook = _unraisable(sys.unraisablehook)
   if not FLAGS["verbosity"].present:  # orbax logs every save at INFO; keep the console readable
     logging.set_verbosity(logging.WARNING)
   try:
