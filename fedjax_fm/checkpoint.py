@@ -61,12 +61,11 @@ def _sha256(data: bytes) -> str:
 def array_digests(state: PyTree) -> dict[str, str]:
   """``{tree path: sha256 of dtype, shape and bytes}`` of every array leaf of `state`.
 
-  A collective in a multi-process run (the arrays are gathered to every process first)."""
-  leaves = jax.tree_util.tree_flatten_with_path(state)[0]
-  values = distributed.fetch([leaf for _, leaf in leaves])
+  A collective in a multi-process run (each array is gathered to every process first). Leaves
+  are brought to the host one at a time, so the extra host memory is one leaf, not the state."""
   out = {}
-  for (path, _), value in zip(leaves, values):
-    a = np.ascontiguousarray(np.asarray(value))
+  for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+    a = np.ascontiguousarray(np.asarray(distributed.fetch(leaf)))
     out[jax.tree_util.keystr(path)] = _sha256(f"{a.dtype.str}{a.shape}".encode() + a.tobytes())
   return out
 
