@@ -69,7 +69,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from fedjax_fm import aggregate, clients as clients_lib, evaluate as evaluate_lib, client_update
+from fedjax_fm import aggregate, chain as chain_lib, clients as clients_lib, evaluate as evaluate_lib
+from fedjax_fm import client_update
 from fedjax_fm import roles as roles_lib
 from fedjax_fm.protocol import (Algorithm, ClientExecution, ServerState, default_execution,
                                   stacked_personal)
@@ -178,6 +179,7 @@ def fedbone(general_fn: GeneralFn, groups: Sequence[TaskGroup], *,
             general_grad: str = "mean",
             weighted: bool = False,
             activation_bytes: Sequence[int] | None = None,
+            aggregation: chain_lib.ChainConfig | None = None,
             execution: ClientExecution | None = None) -> Algorithm:
   """Builds FedBone (Chen et al. 2023) or one of its baselines over task groups.
 
@@ -212,6 +214,10 @@ def fedbone(general_fn: GeneralFn, groups: Sequence[TaskGroup], *,
       communication count: per local step a client sends e and dL/df and receives f and
       dL/de. With `local_steps` and `batch_size` folded in by the caller (`bytes_per_client`
       reports the mean over groups). None: reported as 0.
+    aggregation: the server chain on the (projected) gradients of G
+      (`fedjax_fm.chain.ChainConfig`; it sees them as deltas, -g); None: the finite filter and
+      the weighted mean. No user-level DP (embeddings leave the clients every step) and no
+      error feedback.
     execution: how clients run in the program; `default_execution()` if None.
 
   Returns:
@@ -238,6 +244,14 @@ def fedbone(general_fn: GeneralFn, groups: Sequence[TaskGroup], *,
     raise ValueError(f"activation_bytes has {len(activation_bytes)} entries for {len(groups)} "
                      "groups; give one per group")
   general_optimizer = general_optimizer or optax.adam(1e-4)
+  aggregation = aggregation or chain_lib.ChainConfig()
+  if aggregation.clip_norm is not None:
+    raise ValueError("FedBone's clients send embeddings and their gradients every local step; "
+                     "user-level DP of the general model's gradient alone would not cover them")
+  server_chain = chain_lib.build_chain(aggregation, general_optimizer)
+  if server_chain.has_client_state:
+    raise ValueError("FedBone keeps no chain state on its clients; use compression without "
+                     "error feedback (int8, int4, or top_k with error_feedback=False)")
   client_optimizer = client_optimizer or optax.adam(1e-3)
   execution = execution or default_execution()
   train_general = variant != "local"
@@ -257,9 +271,10 @@ def fedbone(general_fn: GeneralFn, groups: Sequence[TaskGroup], *,
     trained, _ = split_general(params["general"])
     frozen = {g.name: roles_lib.select(params["clients"][g.name], g.roles, FROZEN)
               for g in groups}
+    state = server_chain.init(trained)
     return ServerState(round=jnp.zeros((), jnp.int32),
                        params={"general": params["general"], "clients": frozen},
-                       opt_state=general_optimizer.init(trained))
+                       opt_state=state.optimizer, chain=state.links)
 
   def init_clients(params: PyTree, rows: Sequence[int]) -> tuple[PyTree, ...]:
     rows = tuple(rows)
@@ -344,22 +359,22 @@ def fedbone(general_fn: GeneralFn, groups: Sequence[TaskGroup], *,
     real = weights > 0
     metrics["loss"] = sum(metrics[f"{g.name}/loss"] for g in groups) / len(groups)
     metrics["num_nonfinite_clients"] = jnp.sum(~ok)
-    opt_state = server.opt_state
+    opt_state, chain_state = server.opt_state, server.chain
     if train_general:
       stacked = jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *grads)
-      if variant == "fedbone":
+      if variant == "fedbone":  # projected before the chain, with the key it always had
         stacked, conflicts = aggregate.pcgrad_with_conflicts(
             stacked, group_keys[-1], per_leaf=projection == "per_leaf", mask=real)
       else:
         conflicts = aggregate.conflict_fraction(stacked, real)
-      mean_grad = aggregate.weighted_mean(stacked, weights)
-      updates, new_opt = general_optimizer.update(mean_grad, server.opt_state, general)
-      new_general = optax.apply_updates(general, updates)
-      # With no real, healthy client nothing on the server moves (not even Adam's moments).
-      general, opt_state = aggregate.keep_if(jnp.any(real), (new_general, new_opt),
-                                             (general, server.opt_state))
+      # The chain takes deltas and feeds -aggregate to the optimizer: -g in, the mean g out.
+      out = server_chain.apply(general, jax.tree_util.tree_map(jnp.negative, stacked), weights,
+                               ok, (server.chain, server.opt_state),
+                               jax.random.fold_in(group_keys[-1], 1), round_num=server.round)
+      general, opt_state, chain_state = out.params, out.state.optimizer, out.state.links
       metrics["conflict_fraction"] = conflicts
-      metrics["general_grad_norm"] = optax.tree.norm(mean_grad)
+      metrics["general_grad_norm"] = optax.tree.norm(out.aggregate)
+      metrics.update(out.metrics)
     else:
       metrics["conflict_fraction"] = jnp.zeros((), jnp.float32)
       metrics["general_grad_norm"] = jnp.zeros((), jnp.float32)
@@ -367,7 +382,7 @@ def fedbone(general_fn: GeneralFn, groups: Sequence[TaskGroup], *,
         round=server.round + 1,
         params={"general": roles_lib.merge(general, general_frozen),
                 "clients": server.params["clients"]},
-        opt_state=opt_state)
+        opt_state=opt_state, chain=chain_state)
     return server, tuple(new_states), metrics
 
   return Algorithm(init=init, init_clients=init_clients, round=round_fn,

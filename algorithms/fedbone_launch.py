@@ -17,7 +17,7 @@ import optax
 from flax import nnx
 
 from fedjax_fm import assets
-from fedjax_fm.builders import Built, Federation, ModelBundle, read_hparams
+from fedjax_fm.builders import Built, Federation, ModelBundle, chain_config, read_hparams
 from fedjax_fm.algorithms.fedbone import (GeneralFn, TaskGroup, client_task_group,
                                           encoder_general_fn, fedbone, general_roles_for,
                                           make_evaluator)
@@ -137,6 +137,7 @@ def builder(variant: str):
                   weighted=h["weighted"],
                   activation_bytes=[config.local_steps * config.batch_size * b
                                     for b in per_example],
+                  aggregation=chain_config(config, data.train.num_clients),
                   execution=execution)
     return Built(alg, make_evaluator(split.general_fn, split.groups, data.test.groups))
 

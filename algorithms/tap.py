@@ -63,7 +63,8 @@ import numpy as np
 import optax
 from flax import struct
 
-from fedjax_fm import aggregate, clients as clients_lib, distill as distill_lib, client_update
+from fedjax_fm import aggregate, chain as chain_lib, clients as clients_lib, client_update
+from fedjax_fm import distill as distill_lib
 from fedjax_fm import roles as roles_lib
 from fedjax_fm.protocol import Algorithm, ClientExecution, ServerState, default_execution
 from fedjax_fm.models import heads as heads_lib
@@ -137,23 +138,12 @@ def replace_if_better(personal: PyTree, global_path: PyTree, personal_loss: jax.
   return new, better
 
 
-def presence_masked_mean(uploads: Sequence[PyTree], weights: Sequence[jax.Array],
-                         old: PyTree) -> PyTree:
-  """Aggregates uploads of groups holding different sub-trees of the superset `old`.
+def stack_groups(uploads: Sequence[PyTree], weights: Sequence[jax.Array],
+                 old: PyTree) -> tuple[PyTree, PyTree]:
+  """The groups' uploads as one client-stacked superset tree and its presence masks.
 
-  For every leaf: the weighted mean over the clients of the groups whose upload holds it,
-
-      new = where(sum_i w_i m_i > 0, sum_i w_i m_i x_i / sum_i w_i m_i, old),
-
-  with m_i = 1 if client i's group holds the leaf (docs/algorithms.md 0, item 1; 1.5). A leaf no
-  client with positive weight holds keeps its old value (the reference keeps keys no participant
-  has). Built on `aggregate.masked_weighted_mean` over the clients of all groups concatenated.
-
-  Args:
-    uploads: per group, a client-stacked tree (leaves [K_g, ...]) with the structure of `old`,
-      None on the leaves the group does not hold.
-    weights: per group, [K_g] client weights (0 drops a client: padding, a non-finite update).
-    old: the superset's current values (None leaves are skipped).
+  For every leaf of `old`: the clients of all groups concatenated (a group that does not hold
+  the leaf contributes zeros) and a `[K]` mask, 1 for the clients whose group holds it.
   """
   if len(uploads) != len(weights):
     raise ValueError(f"{len(uploads)} uploads but {len(weights)} weight vectors; give one per "
@@ -171,11 +161,38 @@ def presence_masked_mean(uploads: Sequence[PyTree], weights: Sequence[jax.Array]
       else:
         stacked.append(x.astype(o.dtype))
         presence.append(jnp.ones((k,), o.dtype))
-    return aggregate.masked_weighted_mean(
-        jnp.concatenate(stacked), jnp.concatenate(weights).astype(o.dtype),
-        jnp.concatenate(presence), o)
+    return jnp.concatenate(stacked), jnp.concatenate(presence)
 
-  return jax.tree_util.tree_map(leaf, old, *uploads, is_leaf=lambda x: x is None)
+  pairs = jax.tree_util.tree_map(leaf, old, *uploads, is_leaf=lambda x: x is None)
+  is_pair = lambda p: isinstance(p, tuple)
+  return (jax.tree_util.tree_map(lambda p: p[0], pairs, is_leaf=is_pair),
+          jax.tree_util.tree_map(lambda p: p[1], pairs, is_leaf=is_pair))
+
+
+def presence_masked_mean(uploads: Sequence[PyTree], weights: Sequence[jax.Array],
+                         old: PyTree) -> PyTree:
+  """Aggregates uploads of groups holding different sub-trees of the superset `old`.
+
+  For every leaf: the weighted mean over the clients of the groups whose upload holds it,
+
+      new = where(sum_i w_i m_i > 0, sum_i w_i m_i x_i / sum_i w_i m_i, old),
+
+  with m_i = 1 if client i's group holds the leaf (docs/algorithms.md 0, item 1; 1.5). A leaf no
+  client with positive weight holds keeps its old value (the reference keeps keys no participant
+  has). The round computes the same through the server chain (`fedjax_fm.chain.presence_mean`
+  on the deltas x_i - old, then old + mean delta: equal up to float rounding).
+
+  Args:
+    uploads: per group, a client-stacked tree (leaves [K_g, ...]) with the structure of `old`,
+      None on the leaves the group does not hold.
+    weights: per group, [K_g] client weights (0 drops a client: padding, a non-finite update).
+    old: the superset's current values (None leaves are skipped).
+  """
+  stacked, presence = stack_groups(uploads, weights, old)
+  w = jnp.concatenate(weights)
+  return jax.tree_util.tree_map(
+      lambda x, m, o: aggregate.masked_weighted_mean(x, w.astype(o.dtype), m, o),
+      stacked, presence, old)
 
 
 def restrict(tree: PyTree, mask: PyTree) -> PyTree:
@@ -371,6 +388,7 @@ def _check(groups, replacement, peak_lr, min_lr):
 def tap(groups: Sequence[TAPGroup], roles: PyTree, *, peak_lr: float = 3e-4,
         min_lr: float = 1e-4, warmup_rounds: int = 20, weight_decay: float = 0.01,
         clip_norm: float = 1.0, replacement: str = "validation",
+        aggregation: chain_lib.ChainConfig | None = None,
         execution: ClientExecution | None = None) -> Algorithm:
   """TAP's stage 1 as a grouped `Algorithm` (docs/algorithms.md 1.3; module docstring).
 
@@ -381,6 +399,9 @@ def tap(groups: Sequence[TAPGroup], roles: PyTree, *, peak_lr: float = 3e-4,
     weight_decay, clip_norm: AdamW's weight decay and the gradient clipping norm.
     replacement: ``"validation"`` (default, held-out losses), ``"train"`` (the reference's
       training losses) or ``"none"`` (never replace).
+    aggregation: the server chain (`fedjax_fm.chain.ChainConfig`) on the uploads' deltas, its
+      aggregator the presence-masked mean (`chain.presence_mean`); compression without error
+      feedback only, no DP clipping or robust aggregator. None: the finite filter and the mean.
     execution: how a group's clients run (`default_execution()` if None).
 
   Returns:
@@ -395,10 +416,18 @@ def tap(groups: Sequence[TAPGroup], roles: PyTree, *, peak_lr: float = 3e-4,
   _check(groups, replacement, peak_lr, min_lr)
   execution = execution or default_execution()
   parts = GroupParts(groups, roles, execution)
+  # The server moves to the mean upload: sgd(1) on the presence-masked mean delta.
+  server_chain = chain_lib.build_chain(aggregation or chain_lib.ChainConfig(), optax.sgd(1.0),
+                                       presence=True)
+  if server_chain.has_client_state:
+    raise ValueError("TAP keeps no chain state on its clients; use compression without error "
+                     "feedback (int8, int4, or top_k with error_feedback=False)")
 
   def init(params: PyTree, rng: jax.Array) -> ServerState:
     del rng
-    return ServerState(round=jnp.zeros((), jnp.int32), params=params, opt_state=())
+    state = server_chain.init(roles_lib.select(params, roles, roles_lib.SHARED))
+    return ServerState(round=jnp.zeros((), jnp.int32), params=params,
+                       opt_state=state.optimizer, chain=state.links)
 
   def init_clients(params: PyTree, rows: Sequence[int]) -> tuple[TAPClients, ...]:
     rows = tuple(int(r) for r in rows)
@@ -423,7 +452,7 @@ def tap(groups: Sequence[TAPGroup], roles: PyTree, *, peak_lr: float = 3e-4,
                        f"({len(groups)}); got {len(client_states)} and {len(cohorts)}")
     optimizer = local_optimizer(warmup_lr(server.round, peak_lr, min_lr, warmup_rounds),
                                 weight_decay, clip_norm)
-    uploads, weights, new_states, metrics = [], [], [], {}
+    uploads, weights, oks, new_states, metrics = [], [], [], [], {}
     totals = {"loss_sum": 0.0, "count": 0.0, "replaced": 0.0, "clients": 0.0, "bad": 0}
     for g, group in enumerate(groups):
       view = parts.trainable_view(g)
@@ -464,6 +493,7 @@ def tap(groups: Sequence[TAPGroup], roles: PyTree, *, peak_lr: float = 3e-4,
       real = cohort.weights > 0
       ok = aggregate.finite_clients((global_new, personal_new)) & real
       weights.append(jnp.where(ok, cohort.weights, 0.0))
+      oks.append(ok)
       uploads.append(aggregate.zero_where_bad(global_new, ok))
       new_states.append(clients_lib.scatter_rows(
           state, ids, TAPClients(params=personal_new, loss=p_loss), keep=ok))
@@ -483,12 +513,20 @@ def tap(groups: Sequence[TAPGroup], roles: PyTree, *, peak_lr: float = 3e-4,
 
     trainable = roles_lib.select(server.params, roles, roles_lib.SHARED)
     frozen = roles_lib.select(server.params, roles, roles_lib.FROZEN)
-    new_trainable = presence_masked_mean(uploads, weights, trainable)
+    stacked, presence = stack_groups(uploads, weights, trainable)
+    deltas = jax.tree_util.tree_map(lambda x, o: x - o[None], stacked, trainable)
+    out = server_chain.apply(trainable, deltas, jnp.concatenate(weights), jnp.concatenate(oks),
+                             (server.chain, server.opt_state),
+                             jax.random.fold_in(rng, len(groups)), round_num=server.round,
+                             masks=presence)
+    new_trainable = out.params
+    metrics.update(out.metrics)
     metrics["loss"] = totals["loss_sum"] / jnp.maximum(totals["count"], 1.0)
     metrics["replaced"] = totals["replaced"] / jnp.maximum(totals["clients"], 1.0)
     metrics["num_nonfinite_clients"] = totals["bad"]
     server = server.replace(round=server.round + 1,
-                            params=roles_lib.merge(new_trainable, frozen))
+                            params=roles_lib.merge(new_trainable, frozen),
+                            opt_state=out.state.optimizer, chain=out.state.links)
     return server, tuple(new_states), metrics
 
   return Algorithm(init=init, init_clients=init_clients, round=round_fn,

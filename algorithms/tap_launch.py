@@ -26,7 +26,7 @@ from fedjax_fm import assets
 from fedjax_fm.algorithms import tap as tap_lib
 from fedjax_fm.algorithms import tap_post_fl
 from fedjax_fm.algorithms.tap import OutputFn, PyTree, TAPGroup, VALIDATION_KEY
-from fedjax_fm.builders import Built, Federation, ModelBundle, read_hparams
+from fedjax_fm.builders import Built, Federation, ModelBundle, chain_config, read_hparams
 from fedjax_fm.cohort import FederatedData, GroupedData
 from fedjax_fm.data import suite as suite_lib
 from fedjax_fm.data import text as text_lib
@@ -199,6 +199,7 @@ def build(config, model: ModelBundle, data: Federation, execution) -> Built:
   alg = tap_lib.tap(groups, model.roles, peak_lr=hp["peak_lr"], min_lr=hp["min_lr"],
                     warmup_rounds=hp["warmup_rounds"], weight_decay=hp["weight_decay"],
                     clip_norm=hp["clip_norm"], replacement=hp["replacement"],
+                    aggregation=chain_config(config, data.train.num_clients),
                     execution=execution)
   test_data = data.test
   if not isinstance(test_data, PairedData) or test_data.stage2 is None:

@@ -82,12 +82,15 @@ def aggregation(**overrides) -> ml_collections.ConfigDict:
   aggregator: mean | median (coordinate-wise, after random bucketing of bucket_size) |
   trimmed_mean (trim_fraction at each end) | norm_bounded_mean (norm_bound, None: the cohort's
   median norm). compression: None | int8 | int4 (stochastic quantization) | top_k
-  (top_k_fraction of each leaf, with error_feedback kept on the client).
+  (top_k_fraction of each leaf, with error_feedback kept on the client). attack: None |
+  flip | scale | gaussian: simulated Byzantine clients (attacker_fraction of each cohort send
+  -attack_scale * u, attack_scale * u or noise), to measure the robust aggregators.
   """
   c = ml_collections.ConfigDict(dict(
       aggregator="mean", bucket_size=2, trim_fraction=0.1,
       norm_bound=config_dict.placeholder(float), compression=config_dict.placeholder(str),
-      top_k_fraction=0.01, error_feedback=True))
+      top_k_fraction=0.01, error_feedback=True, attack=config_dict.placeholder(str),
+      attacker_fraction=0.2, attack_scale=1.0))
   c.update(overrides)
   return c
 

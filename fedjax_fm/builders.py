@@ -24,6 +24,7 @@ import numbers
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 from fedjax_fm import privacy
+from fedjax_fm.byzantine import ByzantineAttack
 from fedjax_fm.chain import ChainConfig
 from fedjax_fm.protocol import Algorithm, ClientExecution, LossFn
 from fedjax_fm.cohort import FederatedData, GroupedData
@@ -239,6 +240,9 @@ def chain_config(config, num_clients: int) -> ChainConfig:
                   trim_fraction=a.trim_fraction, norm_bound=a.norm_bound,
                   compression=a.compression, top_k_fraction=a.top_k_fraction,
                   error_feedback=a.error_feedback)
+    if a.attack is not None:
+      kwargs["attack"] = ByzantineAttack(kind=a.attack, fraction=a.attacker_fraction,
+                                         scale=a.attack_scale)
   p = config.privacy if "privacy" in config else None
   if p is None or (p.noise_multiplier is None and p.target_epsilon is None):
     return ChainConfig(**kwargs)

@@ -10,9 +10,9 @@ link reduces them to `[...]`), their weights and acceptance mask, the current sh
 parameters, the clip norm in force (for the noise link) and the round's metrics. `chain(...)`
 composes links in four stages, checked when it is built::
 
-    client links (per-client: finite filter, compression, clipping, PCGrad)
-    -> one aggregating link (weighted mean, DP mean, coordinate median, trimmed mean,
-       norm-bounded mean)
+    client links (per-client: simulated attack, finite filter, compression, clipping)
+    -> one aggregating link (weighted mean, DP mean, presence-masked mean, coordinate median,
+       trimmed mean, norm-bounded mean)
     -> server links (Gaussian noise, privacy report)
     -> the server optimizer (any optax transformation fed -aggregate as a pseudo-gradient)
 
@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedjax_fm import aggregate
+from fedjax_fm import aggregate, byzantine as byzantine_lib
 
 PyTree = Any
 
@@ -68,6 +68,8 @@ class Step:
     round: the number of rounds completed before this one (int32 scalar).
     clip_norm: the per-client L2 bound in force (set by a clipping link), or None.
     client: this link's per-client rows `[K, ...]` (its personal client state), or None.
+    masks: presence masks with the structure of `updates` (leaves `[K]` or `[K, ...]`: which
+      clients hold which leaves of a superset tree, TAP's groups), or None: all hold all.
     metrics: scalar metrics of the round, by name.
   """
   updates: PyTree
@@ -78,6 +80,7 @@ class Step:
   round: jax.Array
   clip_norm: jax.Array | None = None
   client: PyTree = None
+  masks: PyTree = None
   metrics: dict = dataclasses.field(default_factory=dict)
 
   def with_metrics(self, **metrics) -> "Step":
@@ -159,7 +162,7 @@ class Chain(NamedTuple):
 
   def apply(self, params: PyTree, updates: PyTree, weights: jax.Array, mask: jax.Array,
             state: ChainState, rng: jax.Array, *, round_num: jax.Array | None = None,
-            client: tuple | None = None) -> ChainOutput:
+            client: tuple | None = None, masks: PyTree | None = None) -> ChainOutput:
     """Runs the chain on one round's client updates.
 
     Args:
@@ -174,6 +177,7 @@ class Chain(NamedTuple):
         `fold_in(rng, i + 1)`.
       round_num: rounds completed before this one (for per-round reports); 0 if None.
       client: the links' per-client rows `[K, ...]` (`init_clients`' structure), or None.
+      masks: per-leaf presence masks (`Step.masks`; read by `presence_mean`), or None.
 
     Returns:
       A `ChainOutput`. With no accepted client (no weight left) the parameters and every
@@ -182,7 +186,7 @@ class Chain(NamedTuple):
     links_state, opt_state = state
     client = client if client is not None else (None,) * len(self.links)
     step = Step(updates=updates, weights=weights, accepted=jnp.asarray(mask, bool),
-                real=weights > 0, params=params,
+                real=weights > 0, params=params, masks=masks,
                 round=jnp.zeros((), jnp.int32) if round_num is None else round_num)
     new_states, new_client, agg = [], [], None
     for i, (link, link_state, rows) in enumerate(
@@ -415,16 +419,24 @@ def top_k(fraction: float, error_feedback: bool = True) -> Link:
               upload_bytes=upload_bytes)
 
 
-def pcgrad_projection(per_leaf: bool = False) -> Link:
-  """PCGrad across clients (`aggregate.pcgrad`, Yu et al. 2020) on the accepted real clients'
-  updates; metric ``conflict_fraction`` (FedBone's server, Chen et al. 2023)."""
+def byzantine(attack: byzantine_lib.ByzantineAttack) -> Link:
+  """Simulated attackers (`fedjax_fm.byzantine`): floor(fraction * real clients) of the
+  accepted clients, drawn from the round key, send their attack (-scale * u, scale * u, or
+  noise) instead of their update. A measurement tool: it goes first, before the finite filter,
+  as the clients' uploads would. Metric ``num_attackers``."""
+  if attack.client_ids is not None:
+    raise ValueError("the chain's byzantine link draws attackers by fraction; fixed client ids "
+                     "are FFGG's option")
+
   def update(step, state, key):
-    valid = step.accepted & step.real
-    projected, conflicts = aggregate.pcgrad_with_conflicts(step.updates, key, per_leaf=per_leaf,
-                                                           mask=valid)
-    return dataclasses.replace(step, updates=projected).with_metrics(
-        conflict_fraction=conflicts), state
-  return Link("pcgrad", CLIENT, _stateless, update)
+    choose_key, attack_key = jax.random.split(key)
+    weights = jnp.where(step.accepted, step.weights, 0.0)
+    ids = jnp.arange(weights.shape[0], dtype=jnp.int32)
+    attackers = byzantine_lib.choose_attackers(choose_key, attack, ids, weights)
+    attacked = byzantine_lib.apply_attack(step.updates, attackers, attack, attack_key)
+    return dataclasses.replace(step, updates=attacked).with_metrics(
+        num_attackers=jnp.sum(attackers)), state
+  return Link("byzantine", CLIENT, _stateless, update)
 
 
 # ---- aggregating links ----------------------------------------------------------------------
@@ -439,6 +451,14 @@ def weighted_mean() -> Link:
   """sum_k w_k u_k / sum_k w_k over the accepted clients (FedAvg's aggregate)."""
   return _aggregating("weighted_mean",
                       lambda step, key: aggregate.weighted_mean(step.updates, step.weights))
+
+
+def presence_mean() -> Link:
+  """The weighted mean over only the clients that hold each leaf (`Step.masks`;
+  `aggregate.masked_weighted_mean`); a leaf nobody holds does not move. The aggregation of a
+  superset tree whose client groups hold different parts of it (TAP)."""
+  return _aggregating("presence_mean", lambda step, key: aggregate.masked_weighted_mean(
+      step.updates, step.weights, step.masks))
 
 
 def dp_mean() -> Link:
@@ -566,6 +586,8 @@ class ChainConfig:
     adaptive_clip, target_quantile, clip_learning_rate, count_noise_std: `adaptive_clip`.
     noise_multiplier: z of `gaussian_noise` (0: clipping without noise).
     epsilons: epsilon after each round, reported as ``privacy/epsilon`` (None: not reported).
+    attack: simulated Byzantine clients (`fedjax_fm.byzantine.ByzantineAttack`, by fraction),
+      or None.
   """
   aggregator: str = "mean"
   bucket_size: int = 2
@@ -581,6 +603,7 @@ class ChainConfig:
   count_noise_std: float = 0.0
   noise_multiplier: float = 0.0
   epsilons: tuple[float, ...] | None = None
+  attack: byzantine_lib.ByzantineAttack | None = None
 
   def __post_init__(self):
     if self.aggregator not in AGGREGATORS:
@@ -599,22 +622,29 @@ class ChainConfig:
     return self.compression is not None
 
 
-def build_chain(config: ChainConfig, optimizer: optax.GradientTransformation,
-                projection: Link | None = None) -> Chain:
-  """finite filter -> [compression] -> [projection] -> [clip] -> aggregator -> [noise]
+def build_chain(config: ChainConfig, optimizer: optax.GradientTransformation, *,
+                presence: bool = False) -> Chain:
+  """[simulated attack] -> finite filter -> [compression] -> [projection] -> [clip] -> aggregator -> [noise]
   -> [privacy report] -> the server optimizer.
 
   Compression comes first because it happens on the client before the upload; clipping and
   noise act on what the server receives, so the DP bound holds for the compressed update too.
+  With `presence` the aggregator is `presence_mean` (clients hold parts of a superset tree);
+  it takes no clipping or other aggregator.
   """
-  links = [finite_filter()]
+  if presence and (config.clip_norm is not None or config.aggregator != "mean"):
+    raise ValueError("an algorithm whose client groups hold different parts of the model "
+                     "aggregates with the presence-masked mean: no DP clipping and no "
+                     f"aggregator={config.aggregator!r}")
+  links = [] if config.attack is None else [byzantine(config.attack)]
+  links.append(finite_filter())
   if config.compression in ("int8", "int4"):
     links.append(quantize(int(config.compression[3:])))
   elif config.compression == "top_k":
     links.append(top_k(config.top_k_fraction, config.error_feedback))
-  if projection is not None:
-    links.append(projection)
-  if config.clip_norm is not None:
+  if presence:
+    links.append(presence_mean())
+  elif config.clip_norm is not None:
     links.append(adaptive_clip(config.clip_norm, config.target_quantile,
                                config.clip_learning_rate, config.count_noise_std)
                  if config.adaptive_clip else clip(config.clip_norm))

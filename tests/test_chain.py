@@ -98,6 +98,15 @@ def test_top_k_with_error_feedback():
   assert chain_lib.top_k(0.01).upload_bytes({"a": jnp.zeros(1000)}) == 80
 
 
+def test_byzantine_link_flips_a_fraction_of_the_accepted_clients():
+  # 5 clients all sending [1]; fraction 0.4 -> 2 attackers send -3 * [1]: (3 - 6) / 5 = -0.6.
+  attack = chain_lib.byzantine_lib.ByzantineAttack("flip", fraction=0.4, scale=3.0)
+  out = run([chain_lib.byzantine(attack), chain_lib.finite_filter(), chain_lib.weighted_mean()],
+            {"a": [[1.0]] * 5}, [1.0] * 5)
+  np.testing.assert_allclose(out.params["a"], [-0.6], rtol=1e-6)
+  assert int(out.metrics["num_attackers"]) == 2
+
+
 def test_dp_mean_divides_by_the_real_cohort():
   # Slots: 3 real (one non-finite, dropped), 1 padding (weight 0). Weights are ignored:
   # ([2] + [4]) / 3 real clients = [2].
