@@ -44,10 +44,11 @@ def _scalars(metrics: dict) -> dict[str, float]:
   return {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
 
 
-def _is_count(key: str) -> bool:
-  """Training metrics that count (clients, examples) rather than average: kept on a bad round."""
+def _kept_on_bad_rounds(key: str) -> bool:
+  """Round metrics that stay as they are on a bad round: counts (clients, examples) rather than
+  averages, and run-level reports such as privacy/epsilon (spent whatever the round gave)."""
   name = key.split("/")[-1]
-  return name == "examples" or name.startswith("num_")
+  return name == "examples" or name.startswith("num_") or key.startswith("privacy/")
 
 
 def round_problem(train_metrics: dict[str, float], cohort_clients: int) -> str | None:
@@ -62,7 +63,8 @@ def round_problem(train_metrics: dict[str, float], cohort_clients: int) -> str |
     return "no healthy client (every update non-finite)"
   if "examples" in train_metrics and train_metrics["examples"] == 0:
     return "no healthy client trained on any example"
-  bad = sorted(k for k, v in train_metrics.items() if not math.isfinite(v))
+  bad = sorted(k for k, v in train_metrics.items()
+               if not math.isfinite(v) and not k.startswith("privacy/"))
   if bad:
     return f"non-finite {', '.join(bad)}"
   return None
@@ -186,6 +188,7 @@ def train(alg: Algorithm, params: PyTree,
   log = report.MetricLog(workdir, history) if workdir and main else None
   down, up = alg.bytes_per_client(params)
   base_key = jax.random.key(seed + 1)
+  bad_total = sum(is_bad_record(h) for h in history)
   bad_streak = 0
   for h in reversed(history):
     if not is_bad_record(h):
@@ -200,11 +203,12 @@ def train(alg: Algorithm, params: PyTree,
 
   def finish(r, metrics, eval_metrics):
     """Reads round r's metrics back (blocking), judges the round, logs it."""
-    nonlocal last_eval, bad_streak, stop
+    nonlocal last_eval, bad_streak, bad_total, stop
     train_metrics = _scalars(metrics)
     problem = round_problem(train_metrics, sum(cohort_sizes))
     if problem:  # averages over no healthy client are not 0: NaN
-      train_metrics = {k: v if _is_count(k) else float("nan") for k, v in train_metrics.items()}
+      train_metrics = {k: v if _kept_on_bad_rounds(k) else float("nan")
+                       for k, v in train_metrics.items()}
     # Round metrics under train/, except a run-level report such as privacy/epsilon.
     record = {"round": r + 1, **{k if k.startswith("privacy/") else f"train/{k}": v
                                  for k, v in train_metrics.items()},
@@ -222,7 +226,7 @@ def train(alg: Algorithm, params: PyTree,
                if k in ("train/loss", "train/accuracy", "personalized/accuracy",
                         "privacy/epsilon")}
     bad_streak = bad_streak + 1 if problem else 0
-    bad_total = sum(is_bad_record(h) for h in history)
+    bad_total += bool(problem)
     if bad_total:
       postfix["bad_rounds"] = bad_total
     bar.set_postfix(postfix)
