@@ -10,6 +10,7 @@ accuracy, epsilon, bytes) go to ``<out>/<experiment>.json``, and the privacy plo
   python benchmarks/privacy_experiments.py compression --out results/privacy
   python benchmarks/privacy_experiments.py robustness --out results/privacy
   python benchmarks/privacy_experiments.py minilm --out results/privacy --rounds 12 --seeds 0
+  python benchmarks/privacy_experiments.py accountants --out results/privacy  # epsilons
   python benchmarks/privacy_experiments.py report --out results/privacy   # tables only
 
 Digits: configs/digits.py (50 clients, 10 per round, 200 rounds, one local epoch), FedAvg;
@@ -85,6 +86,7 @@ def privacy_runs(args, config_name="digits", arg=None, overrides=None):
       if eps is not None:
         c.privacy.target_epsilon = eps
         c.privacy.clip_norm = args.clip_norm
+        c.privacy.adaptive_clip = args.adaptive_clip
       rows.append(run_one(c, "no DP" if eps is None else f"DP eps={eps:g}"))
   return rows
 
@@ -119,6 +121,25 @@ def robustness_runs(args):
         c.aggregation.attacker_fraction = 0.2
         label = f"{agg} | {attack or 'none'} x{scale:g}"
         rows.append(run_one(c, label))
+  return rows
+
+
+def accountant_rows():
+  """Our epsilons for the digits (q = 10/50, 200 rounds, delta 1/50) and MiniLM (q = 8/16,
+  delta 1/16) settings at the noise of each target: RDP, PLD, and fixed-size (replace-one) RDP."""
+  from fedjax_fm import privacy
+  rows = []
+  for name, rate, rounds, delta, population in (("digits", 0.2, 200, 1 / 50, 50),
+                                                ("minilm", 0.5, 30, 1 / 16, 16)):
+    for target in EPSILONS:
+      z = privacy.noise_multiplier(target, rate, rounds, delta)
+      rows.append(dict(
+          setting=name, target=target, noise_multiplier=z, sampling_rate=rate, rounds=rounds,
+          delta=delta, rdp=privacy.epsilon(z, rate, rounds, delta, "rdp"),
+          pld=privacy.epsilon(z, rate, rounds, delta, "pld"),
+          fixed_rdp=privacy.epsilon(z, rate, rounds, delta, sampling="fixed",
+                                    population=population)))
+      print(rows[-1], flush=True)
   return rows
 
 
@@ -179,12 +200,15 @@ def plot(out_dir, path):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("experiment",
-                      choices=("privacy", "minilm", "compression", "robustness", "report"))
+                      choices=("privacy", "minilm", "compression", "robustness", "accountants",
+                               "report"))
   parser.add_argument("--out", default="results/privacy")
   parser.add_argument("--seeds", default="0,1,2")
   parser.add_argument("--rounds", type=int, default=None, help="override the config's rounds")
   parser.add_argument("--clip_norm", type=float, default=0.1,
                       help="digits updates have median norm ~0.2 (adaptive clipping), 0.1 clips most")
+  parser.add_argument("--adaptive_clip", action="store_true",
+                      help="clip_norm is the initial clip, tracking the median update norm")
   parser.add_argument("--plot", default=None)
   args = parser.parse_args()
   args.seeds = [int(s) for s in args.seeds.split(",")]
@@ -196,6 +220,8 @@ def main():
     save(args.out, "compression", compression_runs(args))
   elif args.experiment == "robustness":
     save(args.out, "robustness", robustness_runs(args))
+  elif args.experiment == "accountants":
+    save(args.out, "accountants", accountant_rows())
   report(args.out)
   if args.plot:
     plot(args.out, args.plot)

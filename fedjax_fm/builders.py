@@ -290,7 +290,10 @@ def loss_builder(factory: Callable[..., Algorithm], **fixed) -> AlgorithmBuilder
     if takes_aggregation:
       wired["aggregation"] = chain_config(config, data.train.num_clients)
     alg = factory(model.loss(True), model.roles, execution=execution, **wired, **fixed, **hp)
-    return Built(alg, make_evaluator(model.loss(False), data.test))
+    evaluate = make_evaluator(model.loss(False), data.test)
+    if alg.personal_rows is not None:
+      evaluate = lambda params, clients, ev=evaluate: ev(params, alg.personal_rows(clients))
+    return Built(alg, evaluate)
 
   build.hparams = names
   return build

@@ -162,4 +162,5 @@ def local_update_algorithm(
     return server, client_states, metrics
 
   return Algorithm(init=init, init_clients=init_clients, round=round_fn,
-                   bytes_per_client=bytes_per_client)
+                   bytes_per_client=bytes_per_client,
+                   personal_rows=(lambda rows: rows["personal"]) if with_chain_rows else None)

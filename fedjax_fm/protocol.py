@@ -57,11 +57,15 @@ class Algorithm(NamedTuple):
     init_clients: (params, num_clients) -> client-stacked personal state (leading axis N).
     round: (server_state, client_states, cohort, rng) -> (server_state, client_states, metrics).
     bytes_per_client: (down, up) bytes one sampled client receives and sends per round.
+    personal_rows: (client states) -> the personal-parameter rows an evaluator merges with the
+      server parameters, where the client state holds more (a chain link's error-feedback
+      residual); None: the client state is those rows.
   """
   init: Callable[[PyTree, jax.Array], ServerState]
   init_clients: Callable[[PyTree, int], PyTree]
   round: Callable[..., tuple[ServerState, PyTree, Mapping[str, jax.Array]]]
   bytes_per_client: Callable[[PyTree], tuple[int, int]]
+  personal_rows: Callable[[PyTree], PyTree] | None = None
 
 
 def stacked_personal(params: PyTree, roles: PyTree, num_clients: int) -> PyTree:

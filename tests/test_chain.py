@@ -177,6 +177,7 @@ def test_fedavg_round_with_top_k_error_feedback():
                                           jax.random.key(1))
   np.testing.assert_allclose(server.params["w"], [4 / 3, 2.0, 4 / 3], rtol=1e-6)
   np.testing.assert_allclose(server.params["head"], 16 / 9, rtol=1e-6)
+  assert alg.personal_rows(clients) is clients["personal"]   # what an evaluator merges
   residual = clients["chain"][1]
   np.testing.assert_allclose(residual["w"], [[1, -1, 0], [1, 1, 0], [0, -1, 0], [0, 0, 0]],
                              atol=1e-6)
