@@ -211,6 +211,13 @@ def validate_config(config) -> None:
     raise ValueError(f"config.data.empty_clients must be one of {list(EMPTY_CLIENTS)}, got "
                      f"{config.data.empty_clients!r}")
   check_finite(config)
+  mesh = config.mesh
+  if not (isinstance(mesh, (tuple, list)) and mesh and all(
+      isinstance(axis, (tuple, list)) and len(axis) == 2 and isinstance(axis[0], str)
+      and isinstance(axis[1], int) and not isinstance(axis[1], bool)
+      and (axis[1] >= 1 or axis[1] == -1) for axis in mesh)):
+    raise ValueError(f"config.mesh must be (axis name, size) pairs, size -1 for the remaining "
+                     f"devices, e.g. ((\"clients\", -1),); got {mesh!r}")
   if config.algorithm.hparams is not None:
     check_hparams(dict(config.algorithm.hparams.items()))
   if "privacy" in config:

@@ -73,6 +73,8 @@ def _read_only_dir(tmp_path):
     ("cohort_size", 0, r"config.cohort_size must be a positive integer"),
     ("data.empty_clients", "drop", r"config.data.empty_clients must be one of \['error', "
                                    r"'exclude'\], got 'drop'"),
+    ("mesh", ("clients",), r"config.mesh must be \(axis name, size\) pairs"),
+    ("mesh", (("clients", 0),), r"config.mesh must be \(axis name, size\) pairs"),
 ])
 def test_bad_config_value_is_one_line_and_writes_nothing(key, value, match, tmp_path):
   config = _config(**{key: value})
