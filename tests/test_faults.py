@@ -4,10 +4,10 @@ nothing already written is lost.
 Most cases run in-process against `fedjax_fm.experiment.run` on tiny digits (the same errors
 `launch.py` prints); real processes are started only where the process is the point: a batch of
 launches that fail before jax is imported (about a second each), with their exit status and
-stderr checked line by line. Kills at seeded random points during compile, rounds and saves,
-and a damaged checkpoint met by a real resume, are `tests/test_train.py::test_kills_at_random_
-points_then_resume_ends_bit_identical`; every checkpoint file kind corrupted is
-`tests/test_checkpoint.py`.
+stderr checked line by line. Elsewhere: kills at seeded random points during compile, rounds
+and saves, and a damaged checkpoint met by a real resume (`tests/test_train.py`, the test
+``test_kills_at_random_points_then_resume_ends_bit_identical``); every checkpoint file kind
+corrupted, deleted parts and concurrent saves (`tests/test_checkpoint.py`).
 """
 
 import glob
