@@ -77,7 +77,7 @@ def algorithm(name: str, common: dict | None = None, **overrides) -> ml_collecti
 
 def aggregation(**overrides) -> ml_collections.ConfigDict:
   """``config.aggregation``: the server chain's aggregator and upload compression
-  (`fedjax_fm.chain.ChainConfig`, docs/algorithms.md 6).
+  (`fedjax_fm.chain.ChainConfig`, docs/algorithms.md 7).
 
   aggregator: mean | median (coordinate-wise, after random bucketing of bucket_size) |
   trimmed_mean (trim_fraction at each end) | norm_bounded_mean (norm_bound, None: the cohort's

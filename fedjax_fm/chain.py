@@ -32,7 +32,7 @@ References: McMahan et al. 2018 (DP-FedAvg: clipping, noise on the sum, fixed de
 Andrew et al. 2021 (adaptive clipping to a norm quantile); Reddi et al. 2021 (server
 optimizers); Yin et al. 2018 (median, trimmed mean); Karimireddy et al. 2022 (bucketing);
 Sun et al. 2019 (norm bounding); Alistarh et al. 2017 (stochastic quantization); Stich et al.
-2018, Karimireddy et al. 2019 (top-k with error feedback). docs/algorithms.md 6.
+2018, Karimireddy et al. 2019 (top-k with error feedback). docs/algorithms.md 7.
 """
 
 from __future__ import annotations
