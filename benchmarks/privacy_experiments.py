@@ -33,14 +33,14 @@ sys.path.insert(0, ROOT)
 EPSILONS = (1.0, 4.0, 8.0)
 COMPRESSIONS = (None, "int8", "int4", "top_k")
 AGGREGATORS = ("mean", "median", "trimmed_mean", "norm_bounded_mean")
-ATTACKS = ((None, 1.0), ("flip", 1.0), ("scale", 10.0))
+ATTACKS = ((None, 1.0), ("flip", 1.0), ("flip", 10.0), ("scale", 100.0))
 
 
-def load_config(name, arg=None):
+def load_config(name):
   spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
-  return mod.get_config(arg)
+  return mod.get_config(None)
 
 
 def run_one(config, label):
@@ -72,17 +72,21 @@ def save(out_dir, name, rows):
     json.dump(rows, f, indent=1)
 
 
-def privacy_runs(args, config_name="digits", arg=None, overrides=None):
+def seeded(config_name, seed, rounds):
+  """`configs/<config_name>.py` at `seed`, with `rounds` (if given) and an evaluation at its end."""
+  c = load_config(config_name)
+  c.seed = seed
+  if rounds:
+    c.rounds = rounds
+    c.eval_every = min(c.eval_every, rounds)
+  return c
+
+
+def privacy_runs(args, config_name="digits"):
   rows = []
   for seed in args.seeds:
     for eps in (None,) + EPSILONS:
-      c = load_config(config_name, arg)
-      c.seed = seed
-      if args.rounds:
-        c.rounds = args.rounds
-        c.eval_every = min(c.eval_every, args.rounds)
-      for key, value in (overrides or {}).items():
-        c.update_from_flattened_dict({key: value})
+      c = seeded(config_name, seed, args.rounds)
       if eps is not None:
         c.privacy.target_epsilon = eps
         c.privacy.clip_norm = args.clip_norm
@@ -95,10 +99,7 @@ def compression_runs(args):
   rows = []
   for seed in args.seeds:
     for comp in COMPRESSIONS:
-      c = load_config("digits")
-      c.seed = seed
-      if args.rounds:
-        c.rounds = args.rounds
+      c = seeded("digits", seed, args.rounds)
       c.aggregation.compression = comp
       rows.append(run_one(c, comp or "float32"))
   return rows
@@ -109,10 +110,7 @@ def robustness_runs(args):
   for seed in args.seeds:
     for attack, scale in ATTACKS:
       for agg in AGGREGATORS:
-        c = load_config("digits")
-        c.seed = seed
-        if args.rounds:
-          c.rounds = args.rounds
+        c = seeded("digits", seed, args.rounds)
         c.aggregation.aggregator = agg
         c.aggregation.bucket_size = 1
         c.aggregation.trim_fraction = 0.2
@@ -148,7 +146,8 @@ def table(rows, key="global_accuracy"):
   out = {}
   for r in rows:
     out.setdefault(r["label"], []).append(r[key])
-  return {k: (float(np.mean(v)), float(np.std(v)), len(v)) for k, v in out.items()}
+  return {k: (float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, len(v))
+          for k, v in out.items()}
 
 
 def report(out_dir):
@@ -169,28 +168,28 @@ def report(out_dir):
 
 
 def plot(out_dir, path):
+  """Accuracy vs epsilon (mean and std over seeds), one panel per experiment that has run."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-  for ax, name, title in ((axes[0], "privacy", "digits (FedAvg, 50 clients)"),
-                          (axes[1], "minilm", "MiniLM / Shakespeare (FedPer, 16 clients)")):
-    file = os.path.join(out_dir, f"{name}.json")
-    if not os.path.exists(file):
-      ax.set_visible(False)
-      continue
-    rows = json.load(open(file))
-    acc = table(rows)
+  panels = [(name, title) for name, title in
+            (("privacy", "digits (FedAvg, 50 clients, 200 rounds)"),
+             ("minilm", "MiniLM / Shakespeare (FedPer, 16 clients)"))
+            if os.path.exists(os.path.join(out_dir, f"{name}.json"))]
+  fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False)
+  for ax, (name, title) in zip(axes[0], panels):
+    acc = table(json.load(open(os.path.join(out_dir, f"{name}.json"))))
     base = acc.pop("no DP")
     xs = [float(k.split("=")[1]) for k in acc]
     ax.errorbar(xs, [v[0] for v in acc.values()], yerr=[v[1] for v in acc.values()], fmt="o-",
                 capsize=3, label="DP-FedAvg (user-level)")
     ax.axhline(base[0], color="k", ls="--", label=f"no DP ({base[0]:.3f})")
     ax.set_xscale("log")
+    ax.minorticks_off()
     ax.set_xticks(xs, [f"{x:g}" for x in xs])
     ax.set_xlabel("epsilon (delta = 1 / clients)")
     ax.set_ylabel("global test accuracy")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
   fig.tight_layout()

@@ -193,3 +193,23 @@ def test_compression_needs_something_shared():
   with pytest.raises(ValueError, match="needs an algorithm that sends shared parameters"):
     local_only(loss_fn, roles_lib.assign_roles(params),
                aggregation=chain_lib.ChainConfig(compression="int8"))
+
+
+def test_chain_state_survives_a_checkpoint(tmp_path):
+  # An adaptive clip norm moved by one round is part of the server state: saved and restored
+  # exactly (what makes a resumed DP run continue bit-identically).
+  from fedjax_fm.checkpoint import Checkpointer
+  params = init_params()
+  alg = fedavg(loss_fn, roles_lib.assign_roles(params), client_lr=0.5,
+               aggregation=chain_lib.ChainConfig(clip_norm=0.5, adaptive_clip=True,
+                                                 target_quantile=0.9))
+  server, _, _ = jax.jit(alg.round)(alg.init(params, jax.random.key(0)),
+                                    alg.init_clients(params, 4), three_client_cohort(),
+                                    jax.random.key(1))
+  assert float(server.chain[1]) != 0.5               # [finite_filter, adaptive_clip, ...]
+  ckpt = Checkpointer(str(tmp_path))
+  ckpt.save(1, {"server": server}, {"history": []})
+  ckpt.wait()
+  _, restored, _ = ckpt.restore({"server": alg.init(params, jax.random.key(0))})
+  ckpt.close()
+  np.testing.assert_array_equal(restored["server"].chain[1], server.chain[1])
