@@ -15,6 +15,12 @@ read; any difference, a missing digest or a read error makes the checkpoint *dam
 checkpoint is reported in one line naming its round and the newest intact one; falling back to
 that happens only when asked (`fallback=True`), because silently losing rounds hides a problem.
 
+Files a restore does not read (commit markers, orbax's own metadata, per-process copies) cannot
+change what a resume computes, but a flipped byte in them is still a sign of a bad disk: once a
+save is complete, the checkpoint is *sealed* with ``files.sha256.json``, the SHA-256 of every
+file in it, checked first on restore. A checkpoint whose save completed but whose run was
+killed before sealing it (a moment's window) is verified by its value digests alone.
+
 The metadata is copied when `save` is called: an asynchronous save must write the history as it
 was after its round, never with records the loop appended while the save was in flight.
 
@@ -41,6 +47,7 @@ from fedjax_fm import distributed
 
 PyTree = Any
 DIGEST_FORMAT = 1
+SEAL = "files.sha256.json"
 
 
 class CheckpointError(RuntimeError):
@@ -75,6 +82,22 @@ def meta_digest(meta: dict) -> str:
   return _sha256(json.dumps(meta, sort_keys=True).encode())
 
 
+def _file_hashes(folder: str) -> dict[str, str]:
+  """``{path relative to folder: sha256}`` of every file below `folder` but the seal."""
+  out = {}
+  for root, _, files in os.walk(folder):
+    for name in files:
+      path = os.path.join(root, name)
+      rel = os.path.relpath(path, folder)
+      if rel not in (SEAL, SEAL + ".tmp"):
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+          for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+        out[rel] = h.hexdigest()
+  return out
+
+
 def _short(e: BaseException) -> str:
   """A read error in a few words: its type and first line, cut at a word, never mid-token."""
   first = (str(e).strip().splitlines() or [""])[0]
@@ -95,6 +118,7 @@ class Checkpointer:
   def __init__(self, directory: str, keep: int | None = 3):
     self.directory = directory
     self._mgr = _manager(directory, keep)
+    self._unsealed: list[int] = []   # saved by this object, not yet sealed
 
   def save(self, round_num: int, state: PyTree, meta: dict):
     """Starts an (asynchronous) save of `state` after `round_num` completed rounds.
@@ -108,6 +132,24 @@ class Checkpointer:
                                                        meta=ocp.args.JsonSave(meta),
                                                        digest=ocp.args.JsonSave(digest)),
                    force=True)
+    self._unsealed.append(round_num)
+    self._seal()
+
+  def _seal(self):
+    """Writes the file seal of every save of this object that orbax has completed (a save is
+    complete once renamed from its temporary folder; orbax finishes one before starting the
+    next). Multi-host: process 0 writes, on the file system all processes share."""
+    if not self._unsealed:
+      return
+    done = set(self.steps())
+    for step in [s for s in self._unsealed if s in done]:
+      folder = os.path.join(self.directory, str(step))
+      if jax.process_index() == 0 and os.path.isdir(folder):
+        hashes = _file_hashes(folder)
+        with open(os.path.join(folder, SEAL + ".tmp"), "w") as f:
+          json.dump(hashes, f, indent=0, sort_keys=True)
+        os.replace(os.path.join(folder, SEAL + ".tmp"), os.path.join(folder, SEAL))
+      self._unsealed.remove(step)
 
   def steps(self) -> list[int]:
     """The complete checkpoints' rounds, oldest first (unfinished saves are not listed)."""
@@ -121,6 +163,20 @@ class Checkpointer:
       CheckpointError: a read error, a missing digest or a value that differs from it (the
         message says which, in a few words).
     """
+    folder = os.path.join(self.directory, str(step))
+    if os.path.exists(os.path.join(folder, SEAL)):
+      try:
+        with open(os.path.join(folder, SEAL)) as f:
+          sealed = json.load(f)
+      except (OSError, ValueError) as e:
+        raise CheckpointError(f"its file seal is unreadable ({_short(e)})") from e
+      found = _file_hashes(folder)
+      for rel in sorted(set(sealed) | set(found)):
+        if rel not in found:
+          raise CheckpointError(f"file {rel} is missing")
+        if sealed.get(rel) != found[rel]:
+          raise CheckpointError(f"file {rel} differs from its seal" if rel in sealed
+                                else f"file {rel} was not in it when it was written")
     try:
       digest = dict(self._mgr.restore(step, args=ocp.args.Composite(
           digest=ocp.args.JsonRestore()))["digest"])
@@ -202,8 +258,10 @@ class Checkpointer:
     self._mgr.reload()
 
   def wait(self):
-    """Blocks until pending asynchronous saves are complete."""
+    """Blocks until pending asynchronous saves are complete (and seals them)."""
     self._mgr.wait_until_finished()
+    self._seal()
 
   def close(self):
+    self.wait()
     self._mgr.close()
