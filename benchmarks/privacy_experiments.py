@@ -9,7 +9,8 @@ accuracy, epsilon, bytes) go to ``<out>/<experiment>.json``, and the privacy plo
   python benchmarks/privacy_experiments.py privacy --out results/privacy --plot results/privacy.png
   python benchmarks/privacy_experiments.py compression --out results/privacy
   python benchmarks/privacy_experiments.py robustness --out results/privacy
-  python benchmarks/privacy_experiments.py minilm --out results/privacy --rounds 12 --seeds 0
+  python benchmarks/privacy_experiments.py minilm --out results/privacy --rounds 6 --seeds 0 \
+      --epsilons 8,4,1 --clip_norm 0.5 --adaptive_clip
   python benchmarks/privacy_experiments.py accountants --out results/privacy  # epsilons
   python benchmarks/privacy_experiments.py report --out results/privacy   # tables only
 
@@ -44,16 +45,26 @@ def load_config(name):
 
 
 def run_one(config, label):
-  """Runs `config` (no workdir); returns the final metrics, the epsilon curve and the time."""
+  """Runs `config` (no workdir); returns the final metrics, the epsilon curve and the time. A
+  run that diverges (`TrainingDiverged`, e.g. the plain mean under scaled attackers) is a row
+  with ``diverged`` set and no accuracy."""
   from fedjax_fm.experiment import run
+  from fedjax_fm.train import TrainingDiverged
   t0 = time.time()
-  history = run(config, None, progress=False)
+  try:
+    history = run(config, None, progress=False)
+  except TrainingDiverged as e:
+    print(f"{label:40s} seed {config.seed}  diverged: {e}", flush=True)
+    return {"label": label, "seed": config.seed, "seconds": time.time() - t0,
+            "diverged": str(e), "global_accuracy": None, "personalized_accuracy": None,
+            "global_loss": None, "bytes_up_per_round": None, "epsilon": None}
   last = {}
   for h in history:
     last.update(h)
   out = {"label": label, "seed": config.seed, "seconds": time.time() - t0,
          "global_accuracy": last.get("global/accuracy"),
          "personalized_accuracy": last.get("personalized/accuracy"),
+         "global_loss": last.get("global/loss"),
          "bytes_up_per_round": history[-1]["bytes_up"],
          "bytes_down_per_round": history[-1]["bytes_down"],
          "epsilon": last.get("privacy/epsilon"),
@@ -82,16 +93,18 @@ def seeded(config_name, seed, rounds):
   return c
 
 
-def privacy_runs(args, config_name="digits"):
+def privacy_runs(args, config_name="digits", name="privacy"):
+  """No DP and DP at each of `args.epsilons`, per seed; saved after each run."""
   rows = []
   for seed in args.seeds:
-    for eps in (None,) + EPSILONS:
+    for eps in (None,) + args.epsilons:
       c = seeded(config_name, seed, args.rounds)
       if eps is not None:
         c.privacy.target_epsilon = eps
         c.privacy.clip_norm = args.clip_norm
         c.privacy.adaptive_clip = args.adaptive_clip
       rows.append(run_one(c, "no DP" if eps is None else f"DP eps={eps:g}"))
+      save(args.out, name, rows)
   return rows
 
 
@@ -106,10 +119,17 @@ def compression_runs(args):
 
 
 def robustness_runs(args):
-  rows = []
+  """Every aggregator under every attack; saved after each run, and runs already in
+  ``<out>/robustness.json`` are not repeated."""
+  path = os.path.join(args.out, "robustness.json")
+  rows = json.load(open(path)) if os.path.exists(path) else []
+  done = {(r["label"], r["seed"]) for r in rows}
   for seed in args.seeds:
     for attack, scale in ATTACKS:
       for agg in AGGREGATORS:
+        label = f"{agg} | {attack or 'none'} x{scale:g}"
+        if (label, seed) in done:
+          continue
         c = seeded("digits", seed, args.rounds)
         c.aggregation.aggregator = agg
         c.aggregation.bucket_size = 1
@@ -117,8 +137,8 @@ def robustness_runs(args):
         c.aggregation.attack = attack
         c.aggregation.attack_scale = scale
         c.aggregation.attacker_fraction = 0.2
-        label = f"{agg} | {attack or 'none'} x{scale:g}"
         rows.append(run_one(c, label))
+        save(args.out, "robustness", rows)
   return rows
 
 
@@ -142,11 +162,15 @@ def accountant_rows():
 
 
 def table(rows, key="global_accuracy"):
-  """label -> (mean, std, n) of `key` over seeds, in first-seen order."""
+  """label -> (mean, std, n) of `key` over the seeds that did not diverge, in first-seen order
+  (nan, 0 when every seed diverged)."""
   out = {}
   for r in rows:
-    out.setdefault(r["label"], []).append(r[key])
-  return {k: (float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, len(v))
+    out.setdefault(r["label"], [])
+    if r.get(key) is not None:
+      out[r["label"]].append(r[key])
+  return {k: (float(np.mean(v)) if v else float("nan"),
+              float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, len(v))
           for k, v in out.items()}
 
 
@@ -161,8 +185,16 @@ def report(out_dir):
     pers = table(rows, "personalized_accuracy")
     eps = table([r for r in rows if r["epsilon"] is not None], "epsilon")
     up = table(rows, "bytes_up_per_round")
+    loss = table(rows, "global_loss")
+    diverged = {}
+    for r in rows:
+      diverged[r["label"]] = diverged.get(r["label"], 0) + bool(r.get("diverged"))
     for label, (m, s, n) in acc.items():
       extra = f" eps {eps[label][0]:.3f}" if label in eps else ""
+      if label in loss and loss[label][2]:
+        extra += f" loss {loss[label][0]:.4f} ± {loss[label][1]:.4f}"
+      if diverged[label]:
+        extra += f" diverged in {diverged[label]} seeds"
       print(f"| {label} | {m:.4f} ± {s:.4f} | {pers[label][0]:.4f} ± {pers[label][1]:.4f} | "
             f"{up[label][0]:.0f} |{extra} (n={n})")
 
@@ -174,7 +206,7 @@ def plot(out_dir, path):
   import matplotlib.pyplot as plt
   panels = [(name, title) for name, title in
             (("privacy", "digits (FedAvg, 50 clients, 200 rounds)"),
-             ("minilm", "MiniLM / Shakespeare (FedPer, 16 clients)"))
+             ("minilm", "MiniLM / Shakespeare (FedPer, 16 clients, 6 rounds, seed 0)"))
             if os.path.exists(os.path.join(out_dir, f"{name}.json"))]
   fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False)
   for ax, (name, title) in zip(axes[0], panels):
@@ -208,13 +240,15 @@ def main():
                       help="digits updates have median norm ~0.2 (adaptive clipping), 0.1 clips most")
   parser.add_argument("--adaptive_clip", action="store_true",
                       help="clip_norm is the initial clip, tracking the median update norm")
+  parser.add_argument("--epsilons", default=",".join(f"{e:g}" for e in EPSILONS))
   parser.add_argument("--plot", default=None)
   args = parser.parse_args()
   args.seeds = [int(s) for s in args.seeds.split(",")]
+  args.epsilons = tuple(float(e) for e in args.epsilons.split(","))
   if args.experiment == "privacy":
-    save(args.out, "privacy", privacy_runs(args))
+    save(args.out, "privacy", privacy_runs(args, "digits", "privacy"))
   elif args.experiment == "minilm":
-    save(args.out, "minilm", privacy_runs(args, "default"))
+    save(args.out, "minilm", privacy_runs(args, "default", "minilm"))
   elif args.experiment == "compression":
     save(args.out, "compression", compression_runs(args))
   elif args.experiment == "robustness":
