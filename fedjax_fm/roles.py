@@ -18,7 +18,7 @@ Example::
 from __future__ import annotations
 
 import re
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import jax
 import numpy as np
@@ -76,6 +76,42 @@ def assign_roles(params: PyTree, *, frozen: str | None = None, personal: str | N
     if frozen and re.search(frozen, p):
       return FROZEN
     return default
+
+  return jax.tree_util.tree_map_with_path(role, params)
+
+
+def component_roles(params: PyTree, component_of: Callable[[str], str],
+                    selects: Callable[[str, str], bool], *, trainable: Iterable[str],
+                    personal: Iterable[str] = (), check: Iterable[str] = ()) -> PyTree:
+  """Roles by model component (a model family's `*_roles`: `transformer_roles`,
+  `decoder_roles`): a leaf whose component a `personal` name selects is personal, else one a
+  `trainable` name selects is shared, else frozen.
+
+  Args:
+    params: the parameter pytree (arrays or shapes).
+    component_of: a leaf path -> its component name (e.g. ``"lora_q"``, ``"head"``).
+    selects: (a name from the config, a component) -> whether the name covers it (a family's
+      group names, e.g. ``"lora"`` for every ``lora_<target>``).
+    trainable, personal: component names.
+    check: the names that must select some component (those the user gave).
+
+  Raises:
+    ValueError: for a `check` name that selects no component (a typo or a missing part).
+  """
+  trainable, personal = tuple(trainable), tuple(personal)
+  components = {component_of(leaf_path(p)) for p, _ in jax.tree_util.tree_leaves_with_path(params)}
+  for name in check:
+    if not any(selects(name, c) for c in components):
+      raise ValueError(f"component {name!r} matches no parameter; the model has "
+                       f"{sorted(components)}")
+
+  def role(path, _):
+    component = component_of(leaf_path(path))
+    if any(selects(n, component) for n in personal):
+      return PERSONAL
+    if any(selects(n, component) for n in trainable):
+      return SHARED
+    return FROZEN
 
   return jax.tree_util.tree_map_with_path(role, params)
 

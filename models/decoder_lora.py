@@ -106,19 +106,5 @@ def decoder_roles(params: PyTree, *, trainable: Sequence[str] = ("lora",),
   Raises:
     ValueError: for a component name that matches no parameter (a typo or a missing target).
   """
-  paths = [roles_lib.leaf_path(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
-  components = {decoder_component(p) for p in paths}
-  for name in list(trainable) + list(personal):
-    if not any(_selects(name, c) for c in components):
-      raise ValueError(f"component {name!r} matches no parameter; the model has "
-                       f"{sorted(components)}")
-
-  def role(path, _):
-    component = decoder_component(roles_lib.leaf_path(path))
-    if any(_selects(n, component) for n in personal):
-      return roles_lib.PERSONAL
-    if any(_selects(n, component) for n in trainable):
-      return roles_lib.SHARED
-    return roles_lib.FROZEN
-
-  return jax.tree_util.tree_map_with_path(role, params)
+  return roles_lib.component_roles(params, decoder_component, _selects, trainable=trainable,
+                                   personal=personal, check=list(trainable) + list(personal))

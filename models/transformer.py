@@ -467,25 +467,12 @@ def transformer_roles(params: PyTree, *, trainable: Sequence[str] | None = None,
     ValueError: for a malformed component name, or one (given explicitly) that matches no
       parameter.
   """
-  paths = [roles_lib.leaf_path(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
-  components = {parameter_component(p) for p in paths}
   explicit = list(personal) + (list(trainable) if trainable is not None else [])
   for name in explicit:
     if not _COMPONENT_NAME.match(name):
       raise ValueError(f"component {name!r} is not one of backbone, head, lora, "
                        "image_embeddings, adapters, adapters/<name>")
-    if not any(_selects(name, c) for c in components):
-      raise ValueError(f"component {name!r} matches no parameter; the model has "
-                       f"{sorted(components)}")
   if trainable is None:
     trainable = ("adapters", "lora", "head", "image_embeddings")
-
-  def role(path, _):
-    component = parameter_component(roles_lib.leaf_path(path))
-    if any(_selects(n, component) for n in personal):
-      return roles_lib.PERSONAL
-    if any(_selects(n, component) for n in trainable):
-      return roles_lib.SHARED
-    return roles_lib.FROZEN
-
-  return jax.tree_util.tree_map_with_path(role, params)
+  return roles_lib.component_roles(params, parameter_component, _selects, trainable=trainable,
+                                   personal=personal, check=explicit)
