@@ -224,23 +224,19 @@ def build(spec: PlanSpec, devices=None):
   alg = fedavg(loss, roles, client_lr=1e-4, client_optimizer=spec.client_optimizer,
                execution=ClientExecution("vmap", mesh=mesh))
   shardings = param_shardings(params, mesh, roles)
-  runner = RoundRunner(alg, mesh, param_shardings=shardings)
+  cohort_sharding = None
   if spec.batch_over_fsdp:
     # RoundRunner shards a cohort over ``clients`` only, so the devices of one fsdp group all
-    # hold (and compute) the same clients' activations. Here the round is jitted as the runner
-    # jits it except that each client's batch axis is also split over ``fsdp`` (FSDP proper:
-    # fsdp is a data-parallel axis too); the runner's `_round` is replaced by this jit.
+    # hold (and compute) the same clients' activations. Here each client's batch axis is also
+    # split over ``fsdp`` (FSDP proper: fsdp is a data-parallel axis too).
     fsdp = int(mesh.shape.get("fsdp", 1))
     if spec.batch % fsdp:
       raise ValueError(f"batch_over_fsdp: batch {spec.batch} is not divisible by fsdp {fsdp}")
-    rep, cs = sharding.replicated(mesh), sharding.client_sharding(mesh)
+    cs = sharding.client_sharding(mesh)
     data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("clients", None, "fsdp"))
-    cohort_sh = Cohort(data={"input_ids": data, "attention_mask": data}, mask=data, weights=cs,
-                       client_ids=cs)
-    runner._round = jax.jit(alg.round,  # pylint: disable=protected-access
-                            in_shardings=(runner.server_sharding, cs, cohort_sh, rep),
-                            out_shardings=(runner.server_sharding, cs, rep),
-                            donate_argnums=(0, 1))
+    cohort_sharding = Cohort(data={"input_ids": data, "attention_mask": data}, mask=data,
+                             weights=cs, client_ids=cs)
+  runner = RoundRunner(alg, mesh, param_shardings=shardings, cohort_sharding=cohort_sharding)
 
   k = -(-spec.cohort // sharding.client_axis_size(mesh)) * sharding.client_axis_size(mesh)
   key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
@@ -281,7 +277,7 @@ def plan(spec: PlanSpec, devices=None) -> dict[str, Any]:
   t0 = time.perf_counter()
   runner, args, _, info, _ = build(spec, devices)
   t1 = time.perf_counter()
-  lowered = runner._round.lower(*args)  # pylint: disable=protected-access  # the runner's jit
+  lowered = runner.lower(*args)
   t2 = time.perf_counter()
   compiled = lowered.compile(FAST_COMPILE_OPTIONS if spec.fast_compile else None)
   t3 = time.perf_counter()

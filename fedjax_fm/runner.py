@@ -68,7 +68,8 @@ class RoundRunner:
 
   def __init__(self, alg: Algorithm, mesh: Mesh, donate: bool = True,
                compiler_options: dict[str, str] | None = None,
-               param_shardings: PyTree | None = None):
+               param_shardings: PyTree | None = None,
+               cohort_sharding: PyTree | None = None):
     """
     Args:
       alg: the algorithm.
@@ -78,6 +79,8 @@ class RoundRunner:
       param_shardings: shardings of the server parameters (a tree over all parameters, e.g.
         from `param_shardings(params, mesh, roles)`; leaves whose parameter is absent from the
         server state are ignored). None: replicated.
+      cohort_sharding: the cohort's shardings (a `Cohort`-shaped prefix), e.g. each client's
+        batch split over ``fsdp`` too; None: client rows over ``clients``.
     """
     self.alg, self.mesh = alg, mesh
     self.traces = 0
@@ -93,7 +96,9 @@ class RoundRunner:
 
     if compiler_options is None:
       compiler_options = default_compiler_options()
-    self._round = jax.jit(traced_round, in_shardings=(self.server_sharding, cs, cs, rep),
+    self.cohort_sharding = cs if cohort_sharding is None else cohort_sharding
+    self._round = jax.jit(traced_round,
+                          in_shardings=(self.server_sharding, cs, self.cohort_sharding, rep),
                           out_shardings=(self.server_sharding, cs, rep),
                           donate_argnums=(0, 1) if donate else (),
                           compiler_options=compiler_options or None)
@@ -129,7 +134,14 @@ class RoundRunner:
     size = sharding.client_axis_size(self.mesh)
     cohort = (tuple(pad_cohort(c, size) for c in cohort) if isinstance(cohort, tuple)
               else pad_cohort(cohort, size))
-    return jax.device_put(cohort, sharding.client_sharding(self.mesh))
+    return jax.device_put(cohort, self.cohort_sharding)
+
+  def lower(self, server: ServerState, clients: PyTree, cohort: Cohort,
+            rng: jax.Array) -> jax.stages.Lowered:
+    """The round lowered for these arguments (arrays or `jax.ShapeDtypeStruct`s; the cohort
+    padded to split over ``clients``): ``.compile()`` and its ``memory_analysis()`` /
+    ``cost_analysis()`` plan a round without running it (`benchmarks/llm_plan.py`)."""
+    return self._round.lower(server, clients, cohort, rng)
 
   def __call__(self, server: ServerState, clients: PyTree, cohort: Cohort,
                rng: jax.Array) -> tuple[ServerState, PyTree, dict[str, jax.Array]]:
