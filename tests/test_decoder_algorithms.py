@@ -17,7 +17,6 @@ import pytest
 from fedjax_fm import cohort as cohort_lib
 from fedjax_fm import experiment
 from fedjax_fm import roles as roles_lib
-from fedjax_fm import runner as runner_lib
 from fedjax_fm import sharding
 from fedjax_fm.algorithms import fedavg, fedper, fedprox, ffgg, local_only
 from fedjax_fm.builders import Federation
@@ -32,23 +31,13 @@ SHAPE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_layers=
              num_kv_heads=2, head_dim=8)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def quick_xla():
-  """XLA:CPU's backend optimisations triple these rounds' compile time (measured: 14 s -> 6 s
-  per round on 2 loaded cores) and change no tested value: the tests check the algorithms, not
-  XLA's code generation."""
-  saved = runner_lib.CPU_COMPILER_OPTIONS
-  runner_lib.CPU_COMPILER_OPTIONS = {**saved, "xla_backend_optimization_level": "0"}
-  yield
-  runner_lib.CPU_COMPILER_OPTIONS = saved
-
-
 def _config(**model):
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.data = ml_collections.ConfigDict(dict(
       name="synthetic_lm", num_clients=NUM_CLIENTS, examples_per_client=12,
-      test_examples_per_client=4, seq_len=SEQ, vocab_size=VOCAB, num_dialects=3))
+      test_examples_per_client=4, seq_len=SEQ, vocab_size=VOCAB, num_dialects=3,
+      empty_clients="error"))
   c.model = ml_collections.ConfigDict({**dict(
       name="decoder", path=None, shape=SHAPE,
       lora=dict(rank=4, alpha=8.0, targets=("v", "down")),
@@ -89,14 +78,14 @@ PERSONAL = {"fedavg": (), "fedprox": (), "fedper": ("lora_down",), "ffgg": ("lor
             "local": ("lora_v", "lora_down")}
 
 
-def _run(name, bundle, federation, num_devices=1, rounds=2):
+def run_rounds(make_alg, params, federation, num_devices=1, rounds=2):
+  """`rounds` rounds of ``make_alg(execution)`` from `params` on the first `num_devices` devices
+  (clients over all of them); returns (server, clients, per-round metrics, the runner)."""
   mesh = sharding.make_mesh(devices=jax.devices()[:num_devices])
-  alg = ALGORITHMS[name](bundle.loss(True), bundle.roles, bundle.params,
-                         ClientExecution("vmap", mesh=mesh))
+  alg = make_alg(ClientExecution("vmap", mesh=mesh))
   runner = RoundRunner(alg, mesh)
-  server, clients = runner.place(alg.init(bundle.params, jax.random.key(0)),
-                                 alg.init_clients(bundle.params,
-                                                  padded_rows(NUM_CLIENTS, mesh)))
+  server, clients = runner.place(alg.init(params, jax.random.key(0)),
+                                 alg.init_clients(params, padded_rows(NUM_CLIENTS, mesh)))
   history = []
   for r in range(rounds):
     ids = cohort_lib.sample_clients(7, r, NUM_CLIENTS, COHORT)
@@ -105,6 +94,12 @@ def _run(name, bundle, federation, num_devices=1, rounds=2):
     server, clients, metrics = runner(server, clients, cohort, jax.random.key(r))
     history.append(jax.device_get(metrics))
   return jax.device_get(server), jax.device_get(clients), history, runner
+
+
+def _run(name, bundle, federation, num_devices=1, rounds=2):
+  return run_rounds(lambda ex: ALGORITHMS[name](bundle.loss(True), bundle.roles, bundle.params,
+                                                ex),
+                    bundle.params, federation, num_devices, rounds)
 
 
 @pytest.fixture(scope="module")
