@@ -26,7 +26,7 @@ IMAGE = (32, 32, 3)
 NUM_CLASSES = 10
 CLIENT_LR, SERVER_LR = 0.1, 1.0
 DEFAULTS = {"clients": 1000, "cohort": 50, "examples": 50, "batch": 10}
-QUICK_DEFAULTS = {"clients": 100, "cohort": 5}
+QUICK_DEFAULTS = {"clients": 100, "cohort": 5, "examples": 20}   # 2 local steps
 # The full run's rows: about 4 minutes on 2 CPU cores. `fedjax_fm[default]` is
 # `default_execution()`: `sequential5,scan` on CPU, `vmap,scan` on an accelerator. The unrolled
 # and chunked rows (1.5-4 minutes each on XLA:CPU, mostly compiling) are left out to keep the run

@@ -13,7 +13,10 @@ FIELDS = {"workload", "runner", "s_per_round", "client_steps_per_s", "gflops", "
 
 def run_quick(tmp_path, workload: str) -> list[dict]:
   out = tmp_path / f"{workload}.json"
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # its own device count
+  # Its own device count; the tests' XLA:CPU optimisation level (conftest.py): a smoke test.
+  env = dict(os.environ, XLA_FLAGS=" ".join(
+      f for f in os.environ.get("XLA_FLAGS", "").split()
+      if not f.startswith("--xla_force_host_platform_device_count")))
   proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "round_throughput.py"),
                          "--workload", workload, "--quick", "--json", str(out)],
                         capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)

@@ -1,14 +1,20 @@
 """Every `python launch.py` command of the README runs as written, in its tiny form: the config's
 ``tiny`` variant, the workdir under a temporary folder. Cluster commands (srun, gcloud,
---coordinator, --distributed) need several hosts and are left to `tests/test_multihost.py`."""
+--coordinator, --distributed) need several hosts and are left to `tests/test_multihost.py`.
+Each run's workdir is checked as `tests/tiny.py` checks the builders' tiny runs, so the default
+and digits configs' tiny variants are tested here and not again in test_experiment.py."""
 
+import json
 import os
+import pathlib
 import re
 import shlex
 import subprocess
 import sys
 
 import pytest
+
+from tests import tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLUSTER = ("--distributed", "--coordinator", "srun ", "gcloud ")
@@ -33,6 +39,10 @@ def tiny_form(command, tmp):
   while "=" in words[0] and not words[0].startswith("-"):
     key, value = words.pop(0).split("=", 1)
     env[key] = value
+  if "XLA_FLAGS" in env:  # the command's flags, and the tests' (conftest.py) it does not set
+    env["XLA_FLAGS"] = " ".join([env["XLA_FLAGS"]] + [
+        f for f in os.environ.get("XLA_FLAGS", "").split()
+        if f.split("=")[0] not in env["XLA_FLAGS"]])
   assert words[:2] == ["python", "launch.py"], command
   args = words[2:]
   if "--config" not in args:
@@ -77,5 +87,11 @@ def test_every_readme_command_runs_as_written(tmp_path):
                           text=True, timeout=600)
     assert proc.returncode == 0, f"{command}\n{proc.stderr[-3000:]}"
     assert "results: " in proc.stdout, command
-  # The default experiment without --workdir went to a workdir it named.
-  assert [d for d in os.listdir(tmp_path / "runs") if d.startswith("default-tiny-")]
+    assert "the round compiled" not in proc.stderr, command  # every round compiled once
+    if "--workdir" in argv:
+      workdir = pathlib.Path(argv[argv.index("--workdir") + 1])
+    else:  # the default experiment without --workdir goes to a workdir it names
+      (name,) = [d for d in os.listdir(tmp_path / "runs") if d.startswith("default-tiny-")]
+      workdir = tmp_path / "runs" / name
+    rounds = json.loads((workdir / "config.json").read_text())["rounds"]
+    tiny.check_outputs(workdir, rounds)

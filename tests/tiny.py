@@ -1,5 +1,6 @@
 """Shared by the builder tests: run a config's tiny variant for two rounds and check what every
-run must leave behind (compiled once, two rounds logged, curves, the resolved config)."""
+run must leave behind (compiled once, every round logged, curves, the resolved config); the
+README's commands (tests/test_readme.py) are checked with the same `check_outputs`."""
 
 import importlib.util
 import json
@@ -31,9 +32,15 @@ def run_two_rounds(cfg, workdir):
   # Every round (grouped ones too: all groups in one program) compiles once.
   assert not [w for w in caught if "the round compiled" in str(w.message)]
   assert [h["round"] for h in history] == [1, 2]
-  assert 0.0 <= history[-1]["personalized/accuracy"] <= 1.0
-  lines = (workdir / "metrics.jsonl").read_text().splitlines()
-  assert json.loads(lines[-1])["round"] == 2
+  return history, check_outputs(workdir, 2)
+
+
+def check_outputs(workdir, rounds):
+  """What every run must leave in `workdir` after `rounds` rounds (the last one evaluated):
+  the metric log up to it with an accuracy, curves, the resolved config; returns the summary."""
+  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert [r["round"] for r in records] == list(range(1, rounds + 1))
+  assert 0.0 <= records[-1]["personalized/accuracy"] <= 1.0
   assert (workdir / "curves.png").stat().st_size > 0
   assert (workdir / "config.json").exists()
-  return history, json.loads((workdir / "summary.json").read_text())
+  return json.loads((workdir / "summary.json").read_text())
