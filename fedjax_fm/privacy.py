@@ -26,9 +26,19 @@ Example::
 
 from __future__ import annotations
 
+import importlib
 import math
-import dp_accounting
-from dp_accounting import pld, rdp
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+  import dp_accounting
+
+
+def _dp(submodule: str = ""):
+  """`dp_accounting` (or one of its submodules), imported on first use: its imports take about
+  3 s, which a run without privacy, and every launch's config check, should not pay."""
+  return importlib.import_module("dp_accounting" + (f".{submodule}" if submodule else ""))
+
 
 ACCOUNTANTS = ("rdp", "pld")
 SAMPLINGS = ("poisson", "fixed")
@@ -61,11 +71,10 @@ def _check(noise: float | None, sampling_rate: float, steps: int, delta: float,
 def _event(noise: float, sampling_rate: float, sampling: str,
            population: int | None) -> dp_accounting.DpEvent:
   if sampling == "poisson":
-    return dp_accounting.PoissonSampledDpEvent(sampling_rate,
-                                               dp_accounting.GaussianDpEvent(noise))
+    return _dp().PoissonSampledDpEvent(sampling_rate, _dp().GaussianDpEvent(noise))
   cohort = int(round(sampling_rate * population))
-  return dp_accounting.SampledWithoutReplacementDpEvent(
-      population, cohort, dp_accounting.GaussianDpEvent(noise / 2.0))
+  return _dp().SampledWithoutReplacementDpEvent(
+      population, cohort, _dp().GaussianDpEvent(noise / 2.0))
 
 
 # Renyi orders: integers (fast and, for the epsilons of useful runs, 1 to 10, as tight as
@@ -75,10 +84,10 @@ RDP_ORDERS = tuple(range(2, 65)) + (80, 96, 128, 192, 256, 512)
 
 def _accountant(accountant: str, sampling: str) -> dp_accounting.PrivacyAccountant:
   if accountant == "pld":
-    return pld.PLDAccountant()
-  relation = (dp_accounting.NeighboringRelation.REPLACE_ONE if sampling == "fixed"
-              else dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
-  return rdp.RdpAccountant(list(RDP_ORDERS), neighboring_relation=relation)
+    return _dp("pld").PLDAccountant()
+  relation = (_dp().NeighboringRelation.REPLACE_ONE if sampling == "fixed"
+              else _dp().NeighboringRelation.ADD_OR_REMOVE_ONE)
+  return _dp("rdp").RdpAccountant(list(RDP_ORDERS), neighboring_relation=relation)
 
 
 def epsilon(noise_multiplier: float, sampling_rate: float, steps: int, delta: float,
@@ -158,12 +167,12 @@ def noise_multiplier(target_epsilon: float, sampling_rate: float, steps: int, de
                      f"rounds at sampling rate {sampling_rate:.4g}: even noise multiplier "
                      f"{MAX_NOISE_MULTIPLIER:g} exceeds it; raise the target or delta, or lower "
                      f"the rounds or the cohort")
-  return float(dp_accounting.calibrate_dp_mechanism(
+  return float(_dp().calibrate_dp_mechanism(
       lambda: _accountant(accountant, sampling),
-      lambda z: dp_accounting.SelfComposedDpEvent(
+      lambda z: _dp().SelfComposedDpEvent(
           _event(z, sampling_rate, sampling, population), steps),
       target_epsilon, delta,
-      bracket_interval=dp_accounting.ExplicitBracketInterval(1e-3, MAX_NOISE_MULTIPLIER),
+      bracket_interval=_dp().ExplicitBracketInterval(1e-3, MAX_NOISE_MULTIPLIER),
       tol=tolerance))
 
 

@@ -26,14 +26,21 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ["FEDJAX_FM_COMPILA
 # loads it (a few ms) instead of compiling it (0.03-0.5 s each, hundreds of them).
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
-# The slowest files (each over ~30 s in CI's log) start first: `-n 2 --dist loadfile` hands
-# files to the two workers in collection order, and a long file started last keeps one worker
-# busy while the other sits idle. The order of the rest, and within each file, is unchanged.
-SLOW_FIRST = ("test_readme.py", "test_tap_launch.py", "test_multihost.py", "test_experiment.py",
-              "test_fedbone_launch.py", "test_benchmark.py", "test_train.py",
-              "test_feddat_launch.py", "test_fedpft_launch.py", "test_decoder_algorithms.py")
+# The slowest files (35-185 s each in CI's log) start first, slowest first: a long file started last keeps
+# one worker busy while the other sits idle. `-n 2 --dist loadfile` hands files to the workers
+# in collection order once xdist's own reordering (most tests first) is off, below. The order
+# of the rest, and within each file, is unchanged.
+SLOW_FIRST = ("test_readme.py", "test_train.py", "test_tap_launch.py", "test_multihost.py",
+              "test_benchmark.py", "test_fedbone_launch.py", "test_tap.py",
+              "test_feddat_launch.py", "test_feddat.py", "test_experiment.py", "test_fedpft.py",
+              "test_fedpft_launch.py", "test_decoder_algorithms.py")
 
 
 def pytest_collection_modifyitems(items):
   rank = {name: i for i, name in enumerate(SLOW_FIRST)}
   items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))
+
+
+def pytest_configure(config):
+  if hasattr(config.option, "loadscopereorder"):  # pytest-xdist's --no-loadscope-reorder
+    config.option.loadscopereorder = False
