@@ -25,7 +25,7 @@ from fedjax_fm.algorithms.ffgg import ffgg
 from fedjax_fm.algorithms.local_only import local_only
 from fedjax_fm.builders import AlgorithmBuilder, loss_builder
 
-__all__ = ["BUILDERS", "builder", "fedavg", "fedadam", "fedavgm", "fedopt", "fedyogi", "fedper",
+__all__ = ["BUILDERS", "DATASETS", "MODELS", "builder", "fedavg", "fedadam", "fedavgm", "fedopt", "fedyogi", "fedper",
            "fedprox", "ffgg", "local_only", "loss_builder"]
 
 BUILDERS: dict[str, AlgorithmBuilder] = {
@@ -43,6 +43,17 @@ BUILDERS: dict[str, AlgorithmBuilder] = {
     **{name: fedbone_launch.builder(variant)
        for name, variant in fedbone_launch.ALGORITHMS.items()},
     "tap": tap_launch.build,
+}
+
+# The data sets and models only an algorithm's own builder knows, for the launcher's tables
+# (`fedjax_fm.experiment.DATASETS` / `MODELS` add them to the generic ones).
+DATASETS = {
+    "multitask_suite": fedbone_launch.build_data,   # GroupedData: one group per task
+    "tap_suite": tap_launch.suite_data,             # PairedData: one group per modality-task pair
+}
+MODELS = {
+    "fedbone": fedbone_launch.build_model,
+    "tap": tap_launch.build_model,
 }
 
 

@@ -16,7 +16,6 @@ import json
 
 from fedjax_fm import algorithms, distributed, rundir, sharding
 from fedjax_fm.protocol import ClientExecution, default_execution
-from fedjax_fm.algorithms import fedbone_launch, tap_launch
 from fedjax_fm.builders import Built, Federation, ModelBundle, read_hparams, validate_config
 from fedjax_fm.data import builders as data_builders
 from fedjax_fm.data import lm as lm_data
@@ -30,9 +29,8 @@ DATASETS = {
     "digits": data_builders.digits_data,
     "shakespeare_play": data_builders.shakespeare_play_data,
     "digits_vqa": data_builders.digits_vqa_data,
-    "multitask_suite": fedbone_launch.build_data,   # GroupedData: one group per task
-    "tap_suite": tap_launch.suite_data,             # PairedData: one group per modality-task pair
     "synthetic_lm": lm_data.synthetic_lm_data,      # token sequences for decoder LMs
+    **algorithms.DATASETS,   # an algorithm's own (FedBone's multi-task suite, TAP's pairs)
 }
 
 # config.model.name -> (config, Federation) -> ModelBundle
@@ -41,9 +39,8 @@ MODELS = {
     "cnn": model_builders.small_model,
     "minilm": model_builders.pretrained_encoder,
     "pretrained": model_builders.pretrained_encoder,
-    "fedbone": fedbone_launch.build_model,
-    "tap": tap_launch.build_model,
     "decoder": model_builders.decoder_model,        # Llama/Mistral/Qwen with LoRA
+    **algorithms.MODELS,     # an algorithm's own (FedBone's split model, TAP's superset)
 }
 
 
