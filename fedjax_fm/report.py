@@ -118,6 +118,13 @@ def _spans(rounds: Sequence[int]) -> str:
   return ", ".join(spans)
 
 
+def is_bad_record(record: Mapping) -> bool:
+  """A logged round that was bad (`fedjax_fm.train.round_problem`): its averaged training
+  metrics are NaN."""
+  return any(k.startswith("train/") and isinstance(v, float) and not np.isfinite(v)
+             for k, v in record.items())
+
+
 def summarize(history: Sequence[dict], final_eval: Mapping[str, np.ndarray] | None = None,
               client_groups: Sequence[str] | None = None, *, excluded_clients: int = 0,
               stopped: str | None = None) -> dict:
@@ -139,9 +146,7 @@ def summarize(history: Sequence[dict], final_eval: Mapping[str, np.ndarray] | No
   last = {}
   for h in history:
     last.update({k: v for k, v in h.items() if k not in VOLATILE_KEYS})
-  bad = [h["round"] for h in history
-         if any(k.startswith("train/") and isinstance(v, float) and not np.isfinite(v)
-                for k, v in h.items())]
+  bad = [h["round"] for h in history if is_bad_record(h)]
   warnings = []
   if stopped:
     warnings.append(f"stopped early: {stopped}")

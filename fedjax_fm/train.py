@@ -70,12 +70,6 @@ def round_problem(train_metrics: dict[str, float], cohort_clients: int) -> str |
   return None
 
 
-def is_bad_record(record: dict) -> bool:
-  """A logged round that was bad (`round_problem`): its averaged training metrics are NaN."""
-  return any(k.startswith("train/") and isinstance(v, float) and not math.isfinite(v)
-             for k, v in record.items())
-
-
 def train(alg: Algorithm, params: PyTree,
           train_data: cohort_lib.FederatedData | cohort_lib.GroupedData, *,
           rounds: int, cohort_size: int | tuple[int, ...], batch_size: int,
@@ -188,10 +182,10 @@ def train(alg: Algorithm, params: PyTree,
   log = report.MetricLog(workdir, history) if workdir and main else None
   down, up = alg.bytes_per_client(params)
   base_key = jax.random.key(seed + 1)
-  bad_total = sum(is_bad_record(h) for h in history)
+  bad_total = sum(report.is_bad_record(h) for h in history)
   bad_streak = 0
   for h in reversed(history):
-    if not is_bad_record(h):
+    if not report.is_bad_record(h):
       break
     bad_streak += 1
   stop = None     # the TrainingDiverged message, once max_bad_rounds bad rounds in a row
@@ -267,7 +261,7 @@ def train(alg: Algorithm, params: PyTree,
         pending = None
         if stop:
           break
-        if not is_bad_record(history[-1]):  # the kept checkpoints are all good rounds
+        if not report.is_bad_record(history[-1]):  # the kept checkpoints are all good rounds
           # `save` copies the history and hashes the state before returning.
           ckpt.save(r + 1, {"server": server, "clients": clients}, meta())
     if pending:
