@@ -14,6 +14,7 @@ rolled `lax.scan` (scan_unroll=1), otherwise they are unrolled (scan_unroll=True
 from __future__ import annotations
 
 import functools
+import logging
 import re
 
 import jax
@@ -125,5 +126,68 @@ def jax_client_loop_runner(loss_fn, roles, params, *, client_lr: float, server_l
         server_update(p, acc, float(np.sum(cohort.weights))))
 
   step.info = lambda: ""
+  step.shared = lambda: _numpy_by_path(state["shared"])
+  return step
+
+
+def drjax_runner(loss_fn, roles, params, *, client_lr: float, server_lr: float):
+  """DrJAX (Google's map-reduce primitives for JAX): the same local update as
+  `jax_client_loop` (all local SGD steps unrolled, the engine's XLA options) under
+  `drjax.program(placements={"clients": K})`: the shared parameters `drjax.broadcast` to the
+  clients, `drjax.map_fn` of the local update (a vmap over the placement axis), the deltas
+  `drjax.reduce_mean`ed, then the server step; one jitted program per round, as DrJAX is used.
+
+  `reduce_mean` is an unweighted mean: the cohort's clients must have equal weights (W1 and W2
+  give every client the same number of examples), checked per round.
+  """
+  try:
+    import drjax  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError(f"the drjax row needs DrJAX (pip install drjax): {e}") from e
+  # Without a mesh DrJAX warns on every primitive that it adds no sharding constraints.
+  logging.getLogger("absl").setLevel(logging.ERROR)
+  opt = optax.sgd(client_lr)
+  frozen = roles_lib.select(params, roles, roles_lib.FROZEN)
+  programs = {}
+
+  def local_update(shared, frozen, batches, mask, key):
+    def objective(p, batch, m, k):
+      return client_update.masked_loss(loss_fn, roles_lib.merge(p, frozen), batch, m, k)
+
+    trained, _ = client_update.train_steps(objective, opt, shared, batches, mask, key, unroll=True)
+    return jax.tree_util.tree_map(jnp.subtract, trained, shared)
+
+  def program(k: int):
+    @functools.partial(jax.jit, compiler_options=runner_lib.default_compiler_options() or None)
+    def round_fn(shared, frozen, data, mask, keys):
+      @drjax.program(placements={"clients": k})
+      def fedavg_round(shared, data, mask, keys):
+        at_clients = drjax.broadcast(shared)
+        deltas = drjax.map_fn(lambda p, b, m, key: local_update(p, frozen, b, m, key),
+                              (at_clients, data, mask, keys))
+        return drjax.reduce_mean(deltas)
+
+      mean = fedavg_round(shared, data, mask, keys)
+      return jax.tree_util.tree_map(lambda x, d: x + server_lr * d, shared, mean)
+
+    return round_fn
+
+  state = {"shared": jax.tree_util.tree_map(
+      jnp.array, roles_lib.select(params, roles, roles_lib.SHARED))}
+  base = jax.random.key(1)
+
+  def step(cohort, r):
+    w = np.asarray(cohort.weights)
+    if not np.all(w == w[0]):
+      raise ValueError("the drjax row uses drjax.reduce_mean (unweighted); this cohort's "
+                       "client weights differ")
+    k = cohort.num_clients
+    if k not in programs:
+      programs[k] = program(k)
+    keys = jax.random.split(jax.random.fold_in(base, r), k)
+    state["shared"] = jax.block_until_ready(
+        programs[k](state["shared"], frozen, dict(cohort.data), cohort.mask, keys))
+
+  step.info = lambda: f"compilations={sum(p._cache_size() for p in programs.values())}"  # pylint: disable=protected-access
   step.shared = lambda: _numpy_by_path(state["shared"])
   return step

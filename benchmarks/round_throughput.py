@@ -50,12 +50,13 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
 import time
 
-BASELINE_RUNNERS = ("jax_client_loop", "torch_loop", "torch_loop[threads=1]")
+BASELINE_RUNNERS = ("jax_client_loop", "torch_loop", "torch_loop[threads=1]", "pfl", "drjax")
 ENGINE_EXAMPLES = ("fedjax_fm[default]", "fedjax_fm[vmap]", "fedjax_fm[vmap,scan]",
                    "fedjax_fm[unrolled]", "fedjax_fm[chunked8]", "fedjax_fm[sequential5,scan]")
 
@@ -81,6 +82,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--steps", type=int, default=None, help="W2: local steps per client (4)")
   p.add_argument("--seq_len", type=int, default=None, help="W2: tokens per sequence (32)")
   p.add_argument("--bottleneck", type=int, default=None, help="W2: adapter width (32)")
+  p.add_argument("--no_dropout", action="store_true",
+                 help="W1: dropout off in every runner, so all compute the same round and the "
+                 "table's rel. diff column checks them")
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                  help="W2: compute dtype of the model (parameters stay float32) and of the peak")
   p.add_argument("--model_path", type=str, default=None,
@@ -103,6 +107,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   if args.rounds is None:
     args.rounds = 2 if args.quick else 5
   # Split on the commas outside brackets ("fedjax_fm[vmap,scan],torch_loop").
+  args.runners_given = args.runners
   if args.runners is not None:
     args.runners = [r.strip() for r in re.findall(r"(?:[^,\[]|\[[^\]]*\])+", args.runners)
                     if r.strip()]
@@ -126,11 +131,14 @@ import jax
 from fedjax_fm import sharding
 
 import jax_runners
+import pfl_runner
 import workload_w1
 import workload_w2
 from measure import Noise, measure_peak, progress
 
 WORKLOADS = {"w1": workload_w1, "w2": workload_w2}
+PFL_HOWTO = ("pfl pins an older absl-py than fedjax_fm: install it in its own venv, "
+             "benchmarks/pfl_runner.py says how")
 
 
 def fill_defaults(args, module):
@@ -151,6 +159,13 @@ def build_runner(name: str, work, mesh):
   if name == "jax_client_loop":
     return jax_runners.jax_client_loop_runner(work.loss_fn, work.roles, work.params,
                                               client_lr=work.client_lr, server_lr=work.server_lr)
+  if name == "drjax":
+    return jax_runners.drjax_runner(work.loss_fn, work.roles, work.params,
+                                    client_lr=work.client_lr, server_lr=work.server_lr)
+  if name == "pfl":
+    if work.pfl_runner is None:
+      raise ValueError("the pfl row needs torch")
+    return work.pfl_runner()
   m = re.match(r"^torch_loop(?:\[threads=(\d+)\])?$", name)
   if m:
     step = work.torch_runner()
@@ -240,9 +255,16 @@ def main(args):
   default_name = jax_runners.default_runner_name()
   runners = [default_name if r == "fedjax_fm[default]" else r for r in args.runners]
   runners = list(dict.fromkeys(runners))  # de-duplicate, keep order
-  if torch is None and any(r.startswith("torch_loop") for r in runners):
-    progress("torch is not installed: skipping the torch_loop rows")
-    runners = [r for r in runners if not r.startswith("torch_loop")]
+  if torch is None and any(r.startswith("torch_loop") or r == "pfl" for r in runners):
+    progress("torch is not installed: skipping the torch_loop and pfl rows")
+    runners = [r for r in runners if not (r.startswith("torch_loop") or r == "pfl")]
+  if args.runners_given is None:  # the workload's default rows: peers only where installed
+    for peer, ok, how in (("pfl", pfl_runner.available(), PFL_HOWTO),
+                          ("drjax", importlib.util.find_spec("drjax") is not None,
+                           "pip install drjax")):
+      if peer in runners and not ok:
+        progress(f"{peer} is not installed: no {peer} row ({how})")
+        runners.remove(peer)
 
   peak_reps = 3 if args.quick else 10
   peak = measure_peak(torch, tdev, reps=peak_reps, dtype=args.dtype)

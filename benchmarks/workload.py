@@ -22,3 +22,4 @@ class Workload:
   server_lr: float
   torch_runner: Callable[[], Callable] | None  # () -> step, None without torch
   deterministic: bool          # runners must agree after the first round (no dropout)
+  pfl_runner: Callable[[], Callable] | None = None  # () -> step of pfl-research's simulator

@@ -11,6 +11,7 @@ FLOPs: forward 2 * (30*30*32*27 + 28*28*64*288 + 12544*128 + 128*10) per image, 
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 from flax import nnx
 
@@ -32,8 +33,9 @@ QUICK_DEFAULTS = {"clients": 100, "cohort": 5, "examples": 20}   # 2 local steps
 # and chunked rows (1.5-4 minutes each on XLA:CPU, mostly compiling) are left out to keep the run
 # short; BENCHMARKS.md runs them with a second command (`--runners`, about 7 minutes).
 DEFAULT_RUNNERS = ("fedjax_fm[default]", "fedjax_fm[sequential5]", "fedjax_fm[vmap]",
-                   "jax_client_loop", "torch_loop")
+                   "jax_client_loop", "torch_loop", "pfl", "drjax")
 QUICK_RUNNERS = ("fedjax_fm[default]", "torch_loop")
+DROPOUT = (0.25, 0.5)
 
 
 def forward_flops_per_image() -> int:
@@ -66,21 +68,88 @@ def make_cohorts(fed, args, steps: int, count: int) -> list[cohort_lib.Cohort]:
   return out
 
 
-def torch_cnn(torch_mod):
-  """SimpleCNN in torch (NCHW)."""
-  nn = torch_mod.nn
-  return nn.Sequential(
-      nn.Conv2d(3, 32, 3), nn.ReLU(), nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2),
-      nn.Dropout(0.25), nn.Flatten(), nn.Linear(12544, 128), nn.ReLU(), nn.Dropout(0.5),
-      nn.Linear(128, NUM_CLASSES))
+def dropout_rates(args) -> tuple[float, float]:
+  return (0.0, 0.0) if args.no_dropout else DROPOUT
 
 
-def torch_loop_runner(torch_mod, device):
+def torch_cnn(torch_mod, params_by_path: dict[str, np.ndarray], rates=DROPOUT):
+  """SimpleCNN in torch (NCHW convolutions), holding the JAX model's initial values.
+
+  The pooled activations are flattened in NHWC order (as the JAX model does), so dense1's
+  kernel is the JAX kernel transposed and the two models compute the same function. Has pfl's
+  `loss(x, y)` / `metrics(x, y)` so that the pfl row trains the same module.
+  """
+  torch = torch_mod
+  nn = torch.nn
+
+  class CNN(nn.Module):
+
+    def __init__(self):
+      super().__init__()
+      self.conv1, self.conv2 = nn.Conv2d(3, 32, 3), nn.Conv2d(32, 64, 3)
+      self.dense1, self.head = nn.Linear(12544, 128), nn.Linear(128, NUM_CLASSES)
+      self.drop1, self.drop2 = nn.Dropout(rates[0]), nn.Dropout(rates[1])
+
+    def forward(self, x):
+      x = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+      x = self.drop1(torch.nn.functional.max_pool2d(x, 2))
+      x = torch.relu(self.dense1(x.permute(0, 2, 3, 1).flatten(1)))
+      return self.head(self.drop2(x))
+
+    def loss(self, x, y, eval=False):  # pylint: disable=redefined-builtin  # pfl's signature
+      self.train(not eval)
+      return torch.nn.functional.cross_entropy(self(x), y)
+
+    @torch.no_grad()
+    def metrics(self, x, y, eval=True):  # pylint: disable=redefined-builtin
+      from pfl.metrics import Weighted  # pylint: disable=g-import-not-at-top
+      self.train(not eval)
+      loss = torch.nn.functional.cross_entropy(self(x), y, reduction="sum").item()
+      return {"loss": Weighted(loss, len(y))}
+
+  model = CNN()
+  with torch.no_grad():
+    for name, p in trainable_by_path(model).items():
+      v = params_by_path[name]
+      if name.startswith("conv") and name.endswith("kernel"):
+        v = v.transpose(3, 2, 0, 1)  # HWIO -> OIHW
+      elif name.endswith("kernel"):
+        v = v.T
+      p.copy_(torch.from_numpy(np.ascontiguousarray(v)))
+  return model
+
+
+def trainable_by_path(model) -> dict:
+  """{JAX parameter path: torch parameter} of `torch_cnn`'s model."""
+  return {f"{layer}/{kind}": getattr(getattr(model, layer), "weight" if kind == "kernel"
+                                     else "bias")
+          for layer in ("conv1", "conv2", "dense1", "head") for kind in ("kernel", "bias")}
+
+
+def torch_images(torch_mod, cohort):
+  """The cohort's NHWC images as an NCHW tensor [K, steps, batch, 3, 32, 32]."""
+  return torch_mod.from_numpy(np.ascontiguousarray(cohort.data["x"].transpose(0, 1, 2, 5, 3, 4)))
+
+
+def shared_numpy(trainable: dict) -> dict[str, np.ndarray]:
+  """The torch parameters in the JAX model's layout (for the rel. diff check)."""
+  out = {}
+  for name, p in trainable.items():
+    v = p.detach().float().cpu().numpy()
+    if name.startswith("conv") and name.endswith("kernel"):
+      v = v.transpose(2, 3, 1, 0)
+    elif name.endswith("kernel"):
+      v = v.T
+    out[name] = v
+  return out
+
+
+def torch_loop_runner(torch_mod, device, params_by_path, rates):
   """Sequential clients; one model reloaded with the global state per client."""
   torch = torch_mod
   torch.manual_seed(0)
-  global_model = torch_cnn(torch).to(device)
-  model = torch_cnn(torch).to(device)
+  global_model = torch_cnn(torch, params_by_path, rates).to(device)
+  model = torch_cnn(torch, params_by_path, rates).to(device)
   model.train()
   loss_fn = torch.nn.CrossEntropyLoss()
   sync = torch_sync(torch, device)
@@ -88,8 +157,8 @@ def torch_loop_runner(torch_mod, device):
   def to_torch(cohort):
     # NHWC numpy -> NCHW tensors on the device. Part of the timed round, as the engine's
     # device_put of the cohort is (a few ms on CPU).
-    x = torch.from_numpy(np.ascontiguousarray(cohort.data["x"].transpose(0, 1, 2, 5, 3, 4)))
-    return x.to(device), torch.from_numpy(cohort.data["y"]).long().to(device)
+    return (torch_images(torch, cohort).to(device),
+            torch.from_numpy(cohort.data["y"]).long().to(device))
 
   def step(cohort, r):
     del r
@@ -115,6 +184,25 @@ def torch_loop_runner(torch_mod, device):
     sync()
 
   step.info = lambda: ""
+  step.shared = lambda: shared_numpy(trainable_by_path(global_model))
+  return step
+
+
+def pfl_runner(torch_mod, device, params_by_path, rates, batch_size):
+  """pfl-research's simulator on the same CNN, initial values and cohorts."""
+  import pfl_runner as pfl_lib  # pylint: disable=g-import-not-at-top
+  torch = torch_mod
+  model = torch_cnn(torch, params_by_path, rates).to(device)
+
+  def user_data(cohort):
+    x, y = torch_images(torch, cohort).to(device), torch.from_numpy(cohort.data["y"]).long()
+    k, s, b = y.shape
+    x, y = x.reshape((k, s * b) + x.shape[3:]), y.reshape(k, s * b).to(device)
+    return [[x[i], y[i]] for i in range(k)]
+
+  step = pfl_lib.pfl_runner(torch, model, {}, user_data, batch_size=batch_size,
+                            client_lr=CLIENT_LR, server_lr=SERVER_LR)
+  step.shared = lambda: shared_numpy(trainable_by_path(model))
   return step
 
 
@@ -122,14 +210,22 @@ def setup(args, torch, tdev, rounds: int) -> Workload:
   """W1's federation, cohorts for `rounds` rounds, model and runners."""
   steps = -(-args.examples // args.batch)  # one local epoch
   fed = make_federation(args)
-  graphdef, params = functional(SimpleCNN(IMAGE, NUM_CLASSES, rngs=nnx.Rngs(args.seed)))
+  rates = dropout_rates(args)
+  graphdef, params = functional(SimpleCNN(IMAGE, NUM_CLASSES, rngs=nnx.Rngs(args.seed),
+                                          dropout_rates=rates))
+  params_by_path = {roles_lib.leaf_path(p): np.asarray(x, np.float32)
+                    for p, x in jax.tree_util.tree_leaves_with_path(params)}
   summary = (f"W1: {fed.num_clients} clients x {args.examples} images, cohort {args.cohort}, "
-             f"{steps} local steps of batch {args.batch}")
+             f"{steps} local steps of batch {args.batch}"
+             + (", dropout off" if args.no_dropout else ""))
   return Workload(
       name=NAME, summary=summary, round_flops=round_flops(args.cohort, steps, args.batch),
       client_steps=args.cohort * steps, num_clients=fed.num_clients,
       cohorts=make_cohorts(fed, args, steps, rounds), loss_fn=classification_loss(graphdef),
       roles=roles_lib.assign_roles(params), params=params, client_lr=CLIENT_LR,
       server_lr=SERVER_LR,
-      torch_runner=None if torch is None else (lambda: torch_loop_runner(torch, tdev)),
-      deterministic=False)
+      torch_runner=None if torch is None else (
+          lambda: torch_loop_runner(torch, tdev, params_by_path, rates)),
+      pfl_runner=None if torch is None else (
+          lambda: pfl_runner(torch, tdev, params_by_path, rates, args.batch)),
+      deterministic=args.no_dropout)

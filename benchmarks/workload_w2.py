@@ -60,7 +60,7 @@ TINY_BERT = dict(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_atten
                  intermediate_size=128, max_position_embeddings=64)
 DEFAULT_RUNNERS = ("fedjax_fm[default]", "fedjax_fm[sequential1,scan]", "fedjax_fm[vmap]",
                    "fedjax_fm[vmap,scan]", "jax_client_loop", "torch_loop",
-                   "torch_loop[threads=1]")
+                   "torch_loop[threads=1]", "pfl", "drjax")
 QUICK_RUNNERS = ("fedjax_fm[default]", "jax_client_loop", "torch_loop")
 
 
@@ -233,6 +233,46 @@ def torch_loop_runner(torch, device, path: str, bottleneck: int, params_by_path,
   return step
 
 
+def pfl_runner(torch, device, path: str, bottleneck: int, params_by_path, dtype: str,
+               batch_size: int):
+  """pfl-research's simulator on the same BERT + adapters + head, initial values and cohorts
+  (float32 only: pfl's own mixed precision is not the torch loop's autocast)."""
+  import pfl_runner as pfl_lib  # pylint: disable=g-import-not-at-top
+  if dtype != "float32":
+    raise ValueError("the pfl row of W2 runs in float32 only")
+  classifier, trainable = torch_model(torch, path, bottleneck, params_by_path)
+
+  class PflClassifier(torch.nn.Module):
+    """The classifier with pfl's `loss(*batch)` and `metrics(*batch)`."""
+
+    def __init__(self):
+      super().__init__()
+      self.classifier = classifier
+
+    def loss(self, input_ids, attention_mask, token_type_ids, y, eval=False):  # pylint: disable=redefined-builtin
+      del eval  # dropout rates are 0: train and eval mode compute the same
+      logits = self.classifier(input_ids, attention_mask, token_type_ids)
+      return torch.nn.functional.cross_entropy(logits.float(), y)
+
+    @torch.no_grad()
+    def metrics(self, input_ids, attention_mask, token_type_ids, y, eval=True):  # pylint: disable=redefined-builtin
+      from pfl.metrics import Weighted  # pylint: disable=g-import-not-at-top
+      loss = self.loss(input_ids, attention_mask, token_type_ids, y, eval).item()
+      return {"loss": Weighted(loss * len(y), len(y))}
+
+  module = PflClassifier().to(device)
+
+  def user_data(cohort):
+    data = {k: torch.from_numpy(np.asarray(v)).to(device) for k, v in cohort.data.items()}
+    data["y"] = data["y"].long()
+    k, s, b = cohort.data["y"].shape
+    flat = [data[key].reshape((k, s * b) + data[key].shape[3:]) for key in TEXT_INPUTS + ("y",)]
+    return [[t[i] for t in flat] for i in range(k)]
+
+  return pfl_lib.pfl_runner(torch, module, trainable, user_data, batch_size=batch_size,
+                            client_lr=CLIENT_LR, server_lr=SERVER_LR)
+
+
 # --------------------------------------------------------------------------- setup
 
 
@@ -269,12 +309,15 @@ def setup(args, torch, tdev, rounds: int) -> Workload:
              f"clients x {args.steps} local steps x batch {args.batch} x {args.seq_len} tokens")
   params_by_path = {roles_lib.leaf_path(p): np.asarray(x, np.float32)
                     for p, x in jax.tree_util.tree_leaves_with_path(params)}
-  torch_runner = None
+  torch_runner = pfl = None
   if torch is not None:
     torch_runner = lambda: torch_loop_runner(torch, tdev, path, args.bottleneck,
                                              params_by_path, args.dtype)
+    pfl = lambda: pfl_runner(torch, tdev, path, args.bottleneck, params_by_path, args.dtype,
+                             args.batch)
   return Workload(
       name=NAME, summary=summary, round_flops=round_flops(shape, sequences),
       client_steps=args.clients * args.steps, num_clients=fed.num_clients, cohorts=cohorts,
       loss_fn=classification_loss(graphdef, TEXT_INPUTS), roles=roles, params=params,
-      client_lr=CLIENT_LR, server_lr=SERVER_LR, torch_runner=torch_runner, deterministic=True)
+      client_lr=CLIENT_LR, server_lr=SERVER_LR, torch_runner=torch_runner, deterministic=True,
+      pfl_runner=pfl)
