@@ -195,6 +195,7 @@ def feddat(logits_fn: LogitsFn, roles: PyTree, params: PyTree, *,
            teacher_weights: tuple[float, float] = (0.5, 0.5),
            temperature: float = 3.0,
            distill: str = "softmax",
+           mutual_distillation: bool = True,
            client_optimizer: optax.GradientTransformation | None = None,
            server_optimizer: optax.GradientTransformation = optax.sgd(1.0),
            weighted: bool = True,
@@ -225,6 +226,10 @@ def feddat(logits_fn: LogitsFn, roles: PyTree, params: PyTree, *,
     temperature: T of the distillation KL (3 in the reference code); the loss carries T^2.
     distill: ``"softmax"`` (KL between softmax distributions, the reference's choice for every
       head) or ``"sigmoid"`` (per-answer Bernoulli KL, for multi-label answer scoring).
+    mutual_distillation: False is the paper's "w/o MKD" ablation: each sub-step minimises its
+      task loss alone (no KL term, no teacher forward); the two sub-steps, the DAT mix and the
+      parameter groups are unchanged. (The "w/o DAT" ablation, A_c alone as the personal model
+      and teacher, is ``teacher_weights=(1.0, 0.0)``.)
     client_optimizer: optax optimizer of the local steps, its state fresh each round;
       `default_client_optimizer()` if None.
     server_optimizer: optax optimizer fed the pseudo-gradient -mean(delta A_s).
@@ -317,6 +322,8 @@ def feddat(logits_fn: LogitsFn, roles: PyTree, params: PyTree, *,
 
       def per_example(_, b, __):
         task, metrics = task_loss(logits, b)
+        if not mutual_distillation:
+          return task, {"task_loss": task, **metrics}
         kd = distill_fn(logits, b[TEACHER_LOGITS_KEY], temperature)
         return 0.5 * (task + kd), {"task_loss": task, "distill": kd, **metrics}
 
@@ -342,18 +349,21 @@ def feddat(logits_fn: LogitsFn, roles: PyTree, params: PyTree, *,
       key_teacher, key_global, key_local = jax.random.split(key, 3)
       batch = _zero_padding(batch, m)
       g_part, l_part, b_part = (parts[g] for g in trained_groups)
-      z_teach = jax.lax.stop_gradient(logits_fn(roles_lib.merge(g_part, l_part, b_part, frozen),
-                                                batch, key_teacher, dat_weights))
+      batch_g = batch
+      if mutual_distillation:
+        z_teach = jax.lax.stop_gradient(logits_fn(
+            roles_lib.merge(g_part, l_part, b_part, frozen), batch, key_teacher, dat_weights))
+        batch_g = {**batch, TEACHER_LOGITS_KEY: z_teach}
       # (1) A_s alone learns from the teacher DAT (A_c is not trained).
       (grad_g, grad_b), (sums_g, z_s) = global_grad(
-          (g_part, b_part), (l_part, frozen), {**batch, TEACHER_LOGITS_KEY: z_teach}, m,
-          key_global)
+          (g_part, b_part), (l_part, frozen), batch_g, m, key_global)
       g_new, opt_g = apply(opt_states[_GLOBAL_STEP_ONLY], g_part, grad_g)
       b_mid, opt_b = apply(opt_states[_BOTH_STEPS], b_part, grad_b)
       # (2) A_c inside DAT learns from A_s's logits (A_s and the copy are not trained).
+      batch_l = ({**batch, TEACHER_LOGITS_KEY: jax.lax.stop_gradient(z_s)}
+                 if mutual_distillation else batch)
       (grad_l, grad_b2), (sums_l, _) = local_grad(
-          (l_part, b_mid), (g_new, frozen),
-          {**batch, TEACHER_LOGITS_KEY: jax.lax.stop_gradient(z_s)}, m, key_local)
+          (l_part, b_mid), (g_new, frozen), batch_l, m, key_local)
       l_new, opt_l = apply(opt_states[_LOCAL_STEP_ONLY], l_part, grad_l)
       b_new, opt_b = apply(opt_b, b_mid, grad_b2)
 

@@ -13,7 +13,8 @@ from fedjax_fm.algorithms import feddat as feddat_lib
 from fedjax_fm.builders import Built, Federation, ModelBundle, chain_config, read_hparams
 from fedjax_fm.evaluate import make_evaluator
 
-HPARAMS = ("client_lr", "teacher_weights", "temperature", "distill", "weighted")
+HPARAMS = ("client_lr", "teacher_weights", "temperature", "distill", "mutual_distillation",
+           "weighted")
 
 
 def build(config, model: ModelBundle, data: Federation, execution) -> Built:
@@ -27,7 +28,8 @@ def build(config, model: ModelBundle, data: Federation, execution) -> Built:
       task_loss=task, adapter_names=names,
       client_optimizer=feddat_lib.default_client_optimizer(hp["client_lr"]),
       teacher_weights=tuple(hp["teacher_weights"]), temperature=hp["temperature"],
-      distill=hp["distill"], weighted=hp["weighted"],
+      distill=hp["distill"],
+      mutual_distillation=hp["mutual_distillation"], weighted=hp["weighted"],
       aggregation=chain_config(config, data.train.num_clients), execution=execution)
   mixes = feddat_lib.adapter_weights_by_mode(names, tuple(hp["teacher_weights"]))
   eval_logits = feddat_lib.model_logits_fn(model.graphdef, model.input_keys, train=False)

@@ -32,5 +32,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.algorithm = ml_collections.ConfigDict(dict(
       name="feddat", hparams=ml_collections.ConfigDict(dict(
           client_lr=1e-3, temperature=3.0, teacher_weights=(0.5, 0.5), distill="softmax",
-          weighted=True))))
+          # False: the "w/o MKD" ablation (task losses only); teacher_weights=(1.0, 0.0) is the
+          # "w/o DAT" one (A_c alone is the personal model and the teacher).
+          mutual_distillation=True, weighted=True))))
   return c

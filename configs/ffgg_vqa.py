@@ -7,13 +7,18 @@ adapters and image tokens are the global part x (the MiniLM backbone stays froze
 sampled client fine-tunes its head for `personal_steps` SGD steps, then runs `local_steps` SGD
 steps on x (Local FFGG, matching the baselines' local steps), and the server averages the deltas.
 
-Variants (`configs/ffgg_vqa.py:<variant>[,tiny]`):
+Variants (`configs/ffgg_vqa.py:<variant>[,small][,tiny]`):
   ffgg       synchronous Local FFGG (the default);
   async      updates computed at parameters up to 3 rounds stale (uniform delays);
   byzantine  20% of the sampled clients (2 of 10) send flipped updates; median of buckets of 2;
   byzantine_mean  the same attack with the plain mean (no robust aggregation), for contrast;
+  byzantine_trimmed  the same attack with the coordinate-wise trimmed mean (20% cut at each end);
   fedavg     FedAvg: adapters, image tokens and one head, all averaged;
   fedper     FedPer: the same split as FFGG (personal heads), FedAvg on the rest.
+
+`small`: the set-up of RESULTS.md's isolating comparison, the first MiniLM layer only and 30
+rounds evaluated every 5, long enough for the personalized models to leave the answer prior
+(`benchmarks/ffgg_experiments.py` runs the table).
 
   python launch.py --config configs/ffgg_vqa.py --workdir runs/ffgg_vqa
   python launch.py --config configs/ffgg_vqa.py:byzantine --workdir runs/ffgg_vqa_byz
@@ -26,18 +31,20 @@ import ml_collections
 
 from configs import _algorithms, feddat_vqa
 
-VARIANTS = ("ffgg", "async", "byzantine", "byzantine_mean", "fedavg", "fedper")
+VARIANTS = ("ffgg", "async", "byzantine", "byzantine_mean", "byzantine_trimmed", "fedavg",
+            "fedper")
+AGGREGATOR = {"byzantine": "median", "byzantine_trimmed": "trimmed_mean"}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   parts = [p for p in (arg or "").split(",") if p]
-  unknown = set(parts) - {"tiny", *VARIANTS}
-  if unknown or len(set(parts) - {"tiny"}) > 1:
+  unknown = set(parts) - {"tiny", "small", *VARIANTS}
+  if unknown or len(set(parts) - {"tiny", "small"}) > 1:
     raise ValueError(f"unknown variant {arg!r} of configs/ffgg_vqa.py; use one of "
-                     f"{', '.join(VARIANTS)}, optionally with ',tiny'")
+                     f"{', '.join(VARIANTS)}, optionally with ',small' and/or ',tiny'")
   tiny = "tiny" in parts
-  variant = next((p for p in parts if p != "tiny"), "ffgg")
-  c = feddat_vqa.get_config("fedavg,tiny" if tiny else "fedavg")
+  variant = next((p for p in parts if p not in ("tiny", "small")), "ffgg")
+  c = feddat_vqa.get_config(",".join(["fedavg", *(p for p in parts if p in ("small", "tiny"))]))
   c.data.partition.num_clients = 1 if tiny else 3    # clients per question family
   c.cohort_size = 2 if tiny else 10
   c.local_steps = 1 if tiny else 4
@@ -53,5 +60,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         max_delay=3 if variant == "async" else 0,
         attack="flip" if variant.startswith("byzantine") else None,
         attacker_fraction=0.2 if variant.startswith("byzantine") else 0.0,
-        aggregator="median" if variant == "byzantine" else "mean")
+        aggregator=AGGREGATOR.get(variant, "mean"), trim_fraction=0.2)
   return c

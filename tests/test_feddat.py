@@ -93,9 +93,10 @@ def _hand_kl(student, teacher):
 OPT = optax.adam(LR)
 
 
-@functools.partial(fast_jit, static_argnums=0)
-def reference_step(graphdef, params, a_s_received, state, batch, m):
-  """One mini-batch of the local update, written out by hand (jitted only for speed)."""
+@functools.partial(fast_jit, static_argnums=(0, 6))
+def reference_step(graphdef, params, a_s_received, state, batch, m, kd=True):
+  """One mini-batch of the local update, written out by hand (jitted only for speed); kd=False:
+  without mutual distillation, each sub-step on its cross-entropy alone."""
   a_s, a_c, head, s_state, c_state, h_state = state
 
   def logits(a_s, a_c, head, weights):
@@ -115,7 +116,7 @@ def reference_step(graphdef, params, a_s_received, state, batch, m):
 
   def loss_global(a_s_, head_):
     z = logits(a_s_, a_c, head_, {"shared": 1.0})
-    return mean(0.5 * (ce(z, y) + _hand_kl(z, z_t))), z
+    return mean(0.5 * (ce(z, y) + _hand_kl(z, z_t)) if kd else ce(z, y)), z
 
   (g_s, g_h), z_s = jax.grad(loss_global, argnums=(0, 1), has_aux=True)(a_s, head)
   a_s, s_state = adam(g_s, s_state, a_s)
@@ -123,7 +124,7 @@ def reference_step(graphdef, params, a_s_received, state, batch, m):
 
   def loss_local(a_c_, head_):
     z = logits(a_s, a_c_, head_, dat)
-    return mean(0.5 * (ce(z, y) + _hand_kl(z, z_s)))
+    return mean(0.5 * (ce(z, y) + _hand_kl(z, z_s)) if kd else ce(z, y))
 
   g_c, g_h = jax.grad(loss_local, argnums=(0, 1))(a_c, head)
   a_c, c_state = adam(g_c, c_state, a_c)
@@ -131,7 +132,7 @@ def reference_step(graphdef, params, a_s_received, state, batch, m):
   return a_s, a_c, head, s_state, c_state, h_state
 
 
-def reference_client(graphdef, params, personal, data, mask):
+def reference_client(graphdef, params, personal, data, mask, kd=True):
   """One client's FedDAT local update as a plain loop over its batches; a batch with no real
   example is skipped. Returns the trained (A_s, A_c, head)."""
   a_s = _adapter(params, "shared")
@@ -140,7 +141,7 @@ def reference_client(graphdef, params, personal, data, mask):
   for step in range(mask.shape[0]):
     if np.asarray(mask[step]).any():
       batch = jax.tree_util.tree_map(lambda x: x[step], data)
-      state = reference_step(graphdef, params, a_s, state, batch, mask[step])
+      state = reference_step(graphdef, params, a_s, state, batch, mask[step], kd)
   return state[:3]
 
 
@@ -233,6 +234,27 @@ def test_round_matches_per_client_loop_and_weighted_mean():
   for name in ("loss", "task_loss", "distill", "accuracy", "global_loss", "global_distill"):
     assert np.isfinite(float(metrics[name])), name
   assert float(metrics["distill"]) > 0 and float(metrics["global_distill"]) > 0
+
+
+def test_without_mutual_distillation_each_sub_step_fits_its_task_loss_alone():
+  """The "w/o MKD" ablation: the same two sub-steps and parameter groups, no KL term."""
+  graphdef, params, roles, cohort, logits_fn, task = setup()
+  alg = feddat(logits_fn, roles, params, task_loss=task, temperature=T,
+               client_optimizer=optax.adam(LR), mutual_distillation=False,
+               execution=ClientExecution("vmap"))
+  clients = _client_states(alg, params)
+  _, new_clients, metrics = fast_jit(alg.round)(alg.init(params, jax.random.key(0)), clients,
+                                                cohort, jax.random.key(1))
+  assert "distill" not in metrics and "global_distill" not in metrics
+  row = jax.tree_util.tree_map(lambda x: x[0], clients)
+  _, c0, h0 = reference_client(graphdef, params, row,
+                               jax.tree_util.tree_map(lambda x: x[0], cohort.data),
+                               cohort.mask[0], kd=False)
+  new_row = jax.tree_util.tree_map(lambda x: x[0], new_clients)
+  _close(_adapter(new_row, "personal"), c0)
+  _close(new_row["head"], h0)
+  distilled = jax.tree_util.tree_map(lambda x: x[0], run_round()[4])
+  assert _max_abs_diff(new_row["head"], distilled["head"]) > 1e-4   # the KL term mattered
 
 
 def test_padded_and_nonfinite_clients_keep_their_rows():
