@@ -1,17 +1,29 @@
-"""Tables and curves over seeds, from finished runs' workdirs.
+"""Tables and curves over seeds, from finished runs' workdirs, and RESULTS.md rebuilt from them.
 
   python -m fedjax_fm.results "FedDAT=runs/feddat_s*" "FedAvg=runs/fedavg_s*" \\
       --metrics personalized/accuracy global/accuracy --plot results/feddat.png
+  python -m fedjax_fm.results --rebuild          # every RESULTS.md table with committed runs
+  python -m fedjax_fm.results --rebuild --check  # exit 1 if RESULTS.md is out of date
 
 Each argument is `label=glob`; the glob names the workdirs of one method's seeds. A row of the
 markdown table is the mean ± std over those runs of each metric's last value (from
 `summary.json`, written at the end of a run); the plot shows each method's mean curve per round
 (from `metrics.jsonl`) with a ± std band. The std is the sample std (ddof=1) over seeds.
+
+A metric is a key of the summary's ``final`` record (``personalized/accuracy``) or
+``group/<group>/<metric>``, a per-group row of the summary (``group/identity/personalized/
+per_client_accuracy``: the mean over that question family's clients).
+
+``--rebuild`` renders every `Table` of `TABLES` whose runs are committed under ``results/``
+(each run: summary.json, metrics.jsonl, config.json, copied there by the experiment scripts of
+``benchmarks/``) and writes it into RESULTS.md between the table's markers
+``<!-- table:NAME -->`` and ``<!-- /table:NAME -->``, and its plot, if it has one.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import json
 import os
@@ -40,9 +52,22 @@ def parse_method(spec: str) -> tuple[str, list[str]]:
   return label, runs
 
 
-def final_metrics(run: str) -> dict:
+def summary(run: str) -> dict:
   with open(os.path.join(run, "summary.json")) as f:
-    return json.load(f)["final"]
+    return json.load(f)
+
+
+def final_metrics(run: str) -> dict:
+  return summary(run)["final"]
+
+
+def metric_value(run_summary: dict, metric: str) -> float | None:
+  """`metric` of one run's summary: a ``final`` key or ``group/<group>/<metric>``; None if the
+  run has no such value."""
+  if metric.startswith("group/"):
+    _, group, name = metric.split("/", 2)
+    return run_summary.get("per_group", {}).get(group, {}).get(name)
+  return run_summary["final"].get(metric)
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -51,16 +76,18 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def table(methods: Sequence[tuple[str, list[str]]], metrics: Sequence[str] = DEFAULT_METRICS,
-          digits: int = 3) -> str:
-  """The markdown table: one row per method, mean ± std over its runs for each metric."""
-  lines = ["| method | seeds | " + " | ".join(metrics) + " |",
+          digits: int = 3, headers: Sequence[str] | None = None) -> str:
+  """The markdown table: one row per method, mean ± std over its runs for each metric (a
+  `metric_value` name); `headers` names the columns (default: the metrics)."""
+  headers = list(headers or metrics)
+  lines = ["| method | seeds | " + " | ".join(headers) + " |",
            "|---|---|" + "---|" * len(metrics)]
   for label, runs in methods:
-    finals = [final_metrics(r) for r in runs]
+    summaries = [summary(r) for r in runs]
     cells = []
     for m in metrics:
-      values = [f[m] for f in finals if m in f]
-      if len(values) < len(finals):
+      values = [v for v in (metric_value(s, m) for s in summaries) if v is not None]
+      if len(values) < len(summaries):
         cells.append("–")
         continue
       mu, sd = mean_std(values)
@@ -112,14 +139,142 @@ def plot(methods: Sequence[tuple[str, list[str]]], metrics: Sequence[str], path:
   plt.close(fig)
 
 
+# ---- RESULTS.md, rebuilt from the committed runs under results/ ----
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PERSONAL_AND_GLOBAL = (("personalized/accuracy", "personalized"), ("global/accuracy", "global"))
+FAMILIES = ("identity", "parity", "greater_than_five", "prime")
+
+
+@dataclasses.dataclass(frozen=True)
+class Table:
+  """One RESULTS.md table: its marker name, its rows (label, glob of run folders relative to the
+  repository) and its columns (metric, header); optionally a plot of `plot_metrics`' curves."""
+  name: str
+  rows: tuple[tuple[str, str], ...]
+  columns: tuple[tuple[str, str], ...] = PERSONAL_AND_GLOBAL
+  plot: str | None = None
+  plot_metrics: tuple[str, ...] = ("personalized/accuracy", "global/accuracy")
+  digits: int = 3
+
+
+def _per_family(prefix: str = "personalized") -> tuple[tuple[str, str], ...]:
+  return tuple((f"group/{g}/{prefix}/per_client_accuracy", g) for g in FAMILIES)
+
+
+def _feddat_rows(lr: str) -> tuple[tuple[str, str], ...]:
+  return tuple((label, f"results/feddat/lr{lr}/{method}_s*") for label, method in (
+      ("FedDAT", "feddat"), ("FedDAT w/o mutual distillation", "no_mkd"),
+      ("FedDAT w/o dual-adapter teacher", "no_dat"), ("FedAvg + personal heads (FedPer)", "fedper"),
+      ("FedProx + personal heads", "fedprox_heads")))
+
+
+_FFGG = (("FFGG (Local FFGG)", "results/ffgg/ffgg_s*"), ("FedAvg", "results/ffgg/fedavg_s*"),
+         ("FedPer", "results/ffgg/fedper_s*"))
+_FFGG_ATTACK = (("no attack, mean", "results/ffgg/ffgg_s*"),
+                ("20% flip, plain mean", "results/ffgg/byzantine_mean_s*"),
+                ("20% flip, median of buckets", "results/ffgg/byzantine_s*"),
+                ("20% flip, trimmed mean (20%)", "results/ffgg/byzantine_trimmed_s*"))
+
+TABLES = (
+    Table("feddat_lr1e-3", _feddat_rows("1e-3"), plot="results/feddat_small_lr1e-3.png"),
+    Table("feddat_lr1e-3_families", _feddat_rows("1e-3"), _per_family()),
+    Table("feddat_lr1e-4", _feddat_rows("1e-4"), plot="results/feddat_small_lr1e-4.png"),
+    Table("feddat_lr1e-4_families", _feddat_rows("1e-4"), _per_family()),
+    Table("ffgg_small", _FFGG, plot="results/ffgg_small.png"),
+    Table("ffgg_small_families", _FFGG, _per_family()),
+    Table("ffgg_attack", _FFGG_ATTACK, plot="results/ffgg_attack.png",
+          plot_metrics=("personalized/accuracy",)),
+)
+
+
+def marker(name: str) -> tuple[str, str]:
+  return f"<!-- table:{name} -->", f"<!-- /table:{name} -->"
+
+
+def committed_methods(spec: Table, root: str = ROOT) -> list[tuple[str, list[str]]]:
+  """(label, runs) of every row of `spec`; a row with no committed run has an empty list."""
+  return [(label, finished_runs(os.path.join(root, pattern))) for label, pattern in spec.rows]
+
+
+def render(spec: Table, root: str = ROOT) -> str | None:
+  """The markdown of `spec` from the committed runs (a row without runs says "not run");
+  None if no row has any."""
+  methods = committed_methods(spec, root)
+  if not any(runs for _, runs in methods):
+    return None
+  metrics, headers = zip(*spec.columns)
+  lines = table([m for m in methods if m[1]], metrics, spec.digits, headers).splitlines()
+  rows = iter(lines[2:])
+  return "\n".join(lines[:2] + [
+      next(rows) if runs else f"| {label} | 0 | " + " | ".join(["not run"] * len(metrics)) + " |"
+      for label, runs in methods])
+
+
+def section(text: str, name: str) -> str | None:
+  """What RESULTS.md holds between `name`'s markers (stripped); None without the markers."""
+  start, end = marker(name)
+  if start not in text or end not in text:
+    return None
+  return text.split(start, 1)[1].split(end, 1)[0].strip()
+
+
+def rebuild(text: str, specs: Sequence[Table] = TABLES, root: str = ROOT,
+            plots: bool = True) -> tuple[str, list[str]]:
+  """`text` (RESULTS.md) with every table of `specs` that has committed runs and markers
+  re-rendered; returns (new text, one line of news per table)."""
+  news = []
+  for spec in specs:
+    if section(text, spec.name) is None:
+      news.append(f"{spec.name}: no markers in RESULTS.md, skipped")
+      continue
+    rendered = render(spec, root)
+    if rendered is None:
+      news.append(f"{spec.name}: no committed run under results/, left as is")
+      continue
+    start, end = marker(spec.name)
+    head, rest = text.split(start, 1)
+    text = f"{head}{start}\n{rendered}\n{end}{rest.split(end, 1)[1]}"
+    methods = [m for m in committed_methods(spec, root) if m[1]]
+    if plots and spec.plot:
+      plot(methods, spec.plot_metrics, os.path.join(root, spec.plot))
+    news.append(f"{spec.name}: rebuilt from {sum(len(r) for _, r in methods)} runs")
+  return text, news
+
+
+def rebuild_main(results_md: str, root: str, check: bool) -> int:
+  with open(results_md) as f:
+    text = f.read()
+  new, news = rebuild(text, root=root, plots=not check)
+  print("\n".join(news))
+  if check:
+    if new != text:
+      print(f"error: {results_md} differs from the committed runs; run --rebuild",
+            file=sys.stderr)
+      return 1
+    return 0
+  with open(results_md, "w") as f:
+    f.write(new)
+  return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("methods", nargs="+", help='label=glob of workdirs, e.g. "FedAvg=runs/a_s*"')
+  parser.add_argument("methods", nargs="*", help='label=glob of workdirs, e.g. "FedAvg=runs/a_s*"')
   parser.add_argument("--metrics", nargs="+", default=list(DEFAULT_METRICS))
   parser.add_argument("--plot", help="write the curves to this PNG")
   parser.add_argument("--title", help="the plot's title")
+  parser.add_argument("--rebuild", action="store_true",
+                      help="write every table of TABLES with committed runs into RESULTS.md")
+  parser.add_argument("--check", action="store_true",
+                      help="with --rebuild: only say whether RESULTS.md is up to date")
+  parser.add_argument("--root", default=ROOT, help="the repository (RESULTS.md and results/)")
   args = parser.parse_args(argv)
+  if args.rebuild:
+    return rebuild_main(os.path.join(args.root, "RESULTS.md"), args.root, args.check)
+  if not args.methods:
+    parser.error("name at least one label=glob, or --rebuild")
   try:
     methods = [parse_method(m) for m in args.methods]
   except ValueError as e:
