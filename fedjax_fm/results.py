@@ -61,9 +61,16 @@ def final_metrics(run: str) -> dict:
   return summary(run)["final"]
 
 
-def metric_value(run_summary: dict, metric: str) -> float | None:
-  """`metric` of one run's summary: a ``final`` key or ``group/<group>/<metric>``; None if the
-  run has no such value."""
+def metric_value(run_summary: dict, metric: str, run: str | None = None) -> float | None:
+  """`metric` of one run: a key of its summary's ``final`` record, ``group/<group>/<metric>``
+  (a per-group row), or ``gain/<k>/<metric>``: the last value of `metric`'s curve in the run's
+  metrics.jsonl minus its value k rounds earlier (how much the curve still rose at the end; needs
+  `run`, the run's folder). None if the run has no such value."""
+  if metric.startswith("gain/"):
+    _, k, name = metric.split("/", 2)
+    rounds, values = curves(run, name)
+    earlier = np.nonzero(rounds <= rounds[-1] - int(k))[0] if len(rounds) else []
+    return float(values[-1] - values[earlier[-1]]) if len(earlier) else None
   if metric.startswith("group/"):
     _, group, name = metric.split("/", 2)
     return run_summary.get("per_group", {}).get(group, {}).get(name)
@@ -86,7 +93,8 @@ def table(methods: Sequence[tuple[str, list[str]]], metrics: Sequence[str] = DEF
     summaries = [summary(r) for r in runs]
     cells = []
     for m in metrics:
-      values = [v for v in (metric_value(s, m) for s in summaries) if v is not None]
+      values = [v for v in (metric_value(s, m, r) for s, r in zip(summaries, runs))
+                if v is not None]
       if len(values) < len(summaries):
         cells.append("–")
         continue
@@ -142,7 +150,8 @@ def plot(methods: Sequence[tuple[str, list[str]]], metrics: Sequence[str], path:
 # ---- RESULTS.md, rebuilt from the committed runs under results/ ----
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PERSONAL_AND_GLOBAL = (("personalized/accuracy", "personalized"), ("global/accuracy", "global"))
+PERSONAL_AND_GLOBAL = (("personalized/accuracy", "personalized"), ("global/accuracy", "global"),
+                       ("gain/10/personalized/accuracy", "personalized gain, last 10 rounds"))
 FAMILIES = ("identity", "parity", "greater_than_five", "prime")
 
 

@@ -49,16 +49,18 @@ def test_rebuild_writes_between_markers_only(tmp_path):
   summary.write_text(json.dumps(record))
   spec = results.Table("t", (("A", "results/a_s*"),),
                        (("personalized/accuracy", "pers"),
-                        ("group/parity/personalized/per_client_accuracy", "parity")))
+                        ("group/parity/personalized/per_client_accuracy", "parity"),
+                        ("gain/1/personalized/accuracy", "gain")))
   missing = results.Table("m", (("B", "results/b_s*"),))
   spec = dataclasses.replace(spec, rows=(("C", "results/c_s*"),) + spec.rows)
   start, end = results.marker("t")
   text = f"intro\n{start}\nold table\n{end}\nafter\n" + "\n".join(results.marker("m"))
   new, news = results.rebuild(text, (spec, missing), root=str(tmp_path), plots=False)
-  assert new.startswith(f"intro\n{start}\n| method | seeds | pers | parity |\n|---|---|---|---|\n"
-                        "| C | 0 | not run | not run |\n")
+  assert new.startswith(f"intro\n{start}\n| method | seeds | pers | parity | gain |\n"
+                        "|---|---|---|---|---|\n| C | 0 | not run | not run | not run |\n")
   # One run of two has the per-group row: the cell says so rather than averaging one seed.
-  assert f"| A | 2 | 0.600 ± 0.141 | – |\n{end}\nafter\n" in new
+  # gain/1: the curve's last value minus the one a round before (0.5 - 0.1, 0.7 - 0.1).
+  assert f"| A | 2 | 0.600 ± 0.141 | – | 0.500 ± 0.141 |\n{end}\nafter\n" in new
   assert new.endswith("\n".join(results.marker("m")))   # no committed run: left as is
   assert news[1].startswith("m: no committed run")
   assert results.rebuild(new, (spec,), root=str(tmp_path), plots=False)[0] == new
