@@ -12,9 +12,10 @@ from typing import Sequence
 import numpy as np
 import optax
 
-from fedjax_fm.algorithms.fedpft import fedpft
+from fedjax_fm.algorithms.fedpft import decoder_proxy, fedpft
 from fedjax_fm.algorithms.fedpft_alignment import default_align_optimizer
-from fedjax_fm.builders import Built, Federation, ModelBundle, chain_config, read_hparams
+from fedjax_fm.builders import (Built, Federation, ModelBundle, chain_config, make_sampler,
+                                read_hparams)
 from fedjax_fm.data import shakespeare, text
 from fedjax_fm.evaluate import make_evaluator
 from fedjax_fm.models.sub_fm import model_forward
@@ -63,6 +64,8 @@ def build(config, model: ModelBundle, data: Federation, execution) -> Built:
   variant = hp["variant"]
   if variant not in VARIANTS:
     raise ValueError(f"unknown fedpft variant {variant!r}; use one of {VARIANTS}")
+  if config.model.name == "decoder":
+    return _build_decoder(config, model, data, execution, hp)
   if config.data.name != "shakespeare_play":
     raise ValueError(f"fedpft's public split is built for data.name='shakespeare_play', got "
                      f"{config.data.name!r}")
@@ -93,3 +96,27 @@ def build(config, model: ModelBundle, data: Federation, execution) -> Built:
 
 
 build.hparams = HPARAMS
+
+
+def _build_decoder(config, model: ModelBundle, data: Federation, execution, hp) -> Built:
+  """FedPFT on a decoder LM (`decoder_proxy`): the sub-FM of the ``fedot`` variant or the full
+  FM (``full``); the aligned variant is refused, as `decoder_proxy` does not support the
+  alignments yet. Evaluation as `fedjax_fm.builders.loss_builder`'s: the full FM with the
+  aggregated LoRA, the model's derived metrics (perplexity) and its generation samples."""
+  if hp["variant"] == "fedpft":
+    raise ValueError("fedpft's layer- and neuron-level alignment is not supported on a decoder "
+                     "yet; set config.algorithm.hparams.variant='fedot' (the sub-FM) or 'full'")
+  full = hp["variant"] == "full"
+  alg = fedpft(decoder_proxy(model.loss(True)), model.roles, model.params,
+               keep_neurons=None if full else hp["keep_neurons"],
+               client_optimizer=optax.adam(hp["client_lr"]), weighted=hp["weighted"],
+               aggregation=chain_config(config, data.train.num_clients), execution=execution)
+  evaluate = make_evaluator(model.loss(False), data.test)
+  if model.derived_metrics is not None:
+    evaluate = lambda params, clients, ev=evaluate: model.derived_metrics(ev(params, clients))
+  samples = None
+  if model.generate is not None and data.prompts is not None:
+    # FedPFT keeps nothing on the client: every client's model is the server's.
+    samples = make_sampler(model.generate, data.prompts, data.test.num_clients,
+                           lambda clients: {})
+  return Built(alg, evaluate, samples)

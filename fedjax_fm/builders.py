@@ -23,7 +23,10 @@ import math
 import numbers
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
-from fedjax_fm import privacy
+import jax
+import numpy as np
+
+from fedjax_fm import privacy, roles as roles_lib
 from fedjax_fm.byzantine import ByzantineAttack
 from fedjax_fm.chain import ChainConfig
 from fedjax_fm.protocol import Algorithm, ClientExecution, LossFn
@@ -33,6 +36,28 @@ from fedjax_fm.evaluate import make_evaluator
 PyTree = Any
 # evaluate(server params, client states) -> {"<mode>/<metric>": value}
 Evaluate = Callable[[PyTree, PyTree], Mapping[str, Any]]
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplePrompts:
+  """Generation prompts a data builder offers, so a run shows what its models write
+  (`Federation.prompts`; `make_sampler`).
+
+  Attributes:
+    clients: [k] the client whose personalized model continues each prompt.
+    names: a readable name per prompt's client (e.g. a speaker and play).
+    prompts: the prompts' text.
+    input_ids, attention_mask: [k, T] the prompts' tokens, LEFT-padded.
+    max_new_tokens: tokens generated per prompt (greedy).
+    decode: token ids -> text.
+  """
+  clients: np.ndarray
+  names: Sequence[str]
+  prompts: Sequence[str]
+  input_ids: np.ndarray
+  attention_mask: np.ndarray
+  max_new_tokens: int
+  decode: Callable[[Sequence[int]], str]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,11 +71,13 @@ class Federation:
       question family), or None.
     excluded_clients: clients left out for having no training or test examples
       (``config.data.empty_clients="exclude"``), counted in the run's summary.
+    prompts: generation prompts for a generative model's samples at every evaluation, or None.
   """
   train: FederatedData | GroupedData
   test: FederatedData | GroupedData
   client_groups: Sequence[str] | None = None
   excluded_clients: int = 0
+  prompts: SamplePrompts | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +95,10 @@ class ModelBundle:
       from params, batch, rng); None where the algorithm brings its own objective.
     split: FedBone's split model (`fedjax_fm.algorithms.fedbone_launch.SplitModel`: the general
       model and one client model per task group), or None.
+    derived_metrics: evaluation metrics -> the same with metrics computed from them added
+      (a language model's perplexity from its loss), or None.
+    generate: ``generate(params, input_ids, attention_mask, max_new_tokens) -> [k, n]`` greedy
+      new tokens of a generative model, or None.
     extras: anything else a specific algorithm's builder needs from its model builder, by name.
   """
   params: PyTree
@@ -76,13 +107,56 @@ class ModelBundle:
   input_keys: tuple[str, ...] | str | None = None
   loss: Callable[[bool], LossFn] | None = None
   split: Any = None
+  derived_metrics: Callable[[dict], dict] | None = None
+  generate: Callable[..., Any] | None = None
   extras: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
+# samples(server params, client states) -> one record per prompt (`make_sampler`)
+Samples = Callable[[PyTree, PyTree], list]
+
+
 class Built(NamedTuple):
-  """What an algorithm builder gives the run loop."""
+  """What an algorithm builder gives the run loop: the algorithm, its evaluation and, for a
+  generative model with prompts, the samples written at every evaluation."""
   algorithm: Algorithm
   evaluate: Evaluate | None
+  samples: Samples | None = None
+
+
+def make_sampler(generate: Callable[..., Any], prompts: SamplePrompts, num_clients: int,
+                 personal_rows: Callable[[PyTree], PyTree] | None = None) -> Samples:
+  """samples(server params, client states) -> ``[{"client", "name", "prompt",
+  "personalized", "global"}]``: each prompt continued greedily by its client's personalized
+  model (the server parameters merged with the client's personal row) and by the global model
+  (personal leaves filled with the mean of the `num_clients` clients' rows, as `make_evaluator`
+  does). One prompt at a time, so the generation compiles once for all of them.
+
+  Args:
+    generate: `ModelBundle.generate`.
+    prompts: the data's `SamplePrompts`.
+    num_clients: real clients (rows past it are padding).
+    personal_rows: the algorithm's `Algorithm.personal_rows` (client states -> personal
+      parameter rows), None when the client states are those rows.
+  """
+  def samples(server_params, client_states):
+    rows = personal_rows(client_states) if personal_rows is not None else client_states
+    rows = jax.tree_util.tree_map(lambda x: x[:num_clients], rows)
+    with_row = lambda row: (roles_lib.merge(server_params, row)
+                            if jax.tree_util.tree_leaves(row) else server_params)
+    global_params = with_row(jax.tree_util.tree_map(lambda x: x.mean(0), rows))
+    out = []
+    for i, client in enumerate(np.asarray(prompts.clients)):
+      own = with_row(jax.tree_util.tree_map(lambda x: x[client], rows))
+      ids, mask = prompts.input_ids[i:i + 1], prompts.attention_mask[i:i + 1]
+      text = {mode: prompts.decode(np.asarray(generate(params, ids, mask,
+                                                       prompts.max_new_tokens))[0])
+              for mode, params in (("personalized", own), ("global", global_params))}
+      out.append({"client": int(client), "name": prompts.names[i], "prompt": prompts.prompts[i],
+                  **text})
+    return out
+
+  return samples
 
 
 # build(config, model, data, execution) -> Built, with an attribute `hparams`: the names of
@@ -300,7 +374,13 @@ def loss_builder(factory: Callable[..., Algorithm], **fixed) -> AlgorithmBuilder
     evaluate = make_evaluator(model.loss(False), data.test)
     if alg.personal_rows is not None:
       evaluate = lambda params, clients, ev=evaluate: ev(params, alg.personal_rows(clients))
-    return Built(alg, evaluate)
+    if model.derived_metrics is not None:
+      evaluate = lambda params, clients, ev=evaluate: model.derived_metrics(ev(params, clients))
+    samples = None
+    if model.generate is not None and data.prompts is not None:
+      samples = make_sampler(model.generate, data.prompts, data.test.num_clients,
+                             alg.personal_rows)
+    return Built(alg, evaluate, samples)
 
   build.hparams = names
   return build

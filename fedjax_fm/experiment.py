@@ -19,6 +19,7 @@ from fedjax_fm.protocol import ClientExecution, default_execution
 from fedjax_fm.builders import Built, Federation, ModelBundle, read_hparams, validate_config
 from fedjax_fm.data import builders as data_builders
 from fedjax_fm.data import lm as lm_data
+from fedjax_fm.data import shakespeare_lm
 from fedjax_fm.data import partition
 from fedjax_fm.models import builders as model_builders
 from fedjax_fm.models.partitioning import param_shardings
@@ -30,6 +31,7 @@ DATASETS = {
     "shakespeare_play": data_builders.shakespeare_play_data,
     "digits_vqa": data_builders.digits_vqa_data,
     "synthetic_lm": lm_data.synthetic_lm_data,      # token sequences for decoder LMs
+    "shakespeare_lm": shakespeare_lm.shakespeare_lm_data,  # roles' speeches, character tokens
     **algorithms.DATASETS,   # an algorithm's own (FedBone's multi-task suite, TAP's pairs)
 }
 
@@ -125,4 +127,5 @@ def run(config, workdir: str | None = None, *, resume: bool = False, overwrite: 
                param_shardings=shardings, max_bad_rounds=config.max_bad_rounds,
                run_config=json.loads(config.to_json_best_effort()),
                allow_config_change=allow_config_change,
-               excluded_clients=data.excluded_clients, progress=progress)
+               excluded_clients=data.excluded_clients, samples=built.samples,
+               progress=progress)

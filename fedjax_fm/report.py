@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -53,6 +53,15 @@ class MetricLog:
     os.replace(tmp, self.path)
     self._file = open(self.path, "a")
     start = history[-1]["round"] + 1 if history else None
+    # Generation samples: on resume, those of rounds after the checkpoint are dropped too.
+    self.samples_path = os.path.join(workdir, "samples.jsonl")
+    if os.path.exists(self.samples_path):
+      with open(self.samples_path) as f:
+        kept = [line for line in f if line.strip() and start is not None
+                and json.loads(line)["round"] < start]
+      with open(self.samples_path + ".tmp", "w") as f:
+        f.writelines(kept)
+      os.replace(self.samples_path + ".tmp", self.samples_path)
     self._tb = _summary_writer()(os.path.join(workdir, "tensorboard"), purge_step=start)
 
   def write(self, record: Mapping[str, float]):
@@ -62,6 +71,17 @@ class MetricLog:
       # A bad round's NaN stays in the JSONL; TensorBoard gets a gap, not a warning per value.
       if key != "round" and np.isfinite(value):
         self._tb.add_scalar(key, value, global_step=int(record["round"]))
+
+  def write_samples(self, round_num: int, samples: Sequence[Mapping[str, Any]]):
+    """Appends one evaluation's generation samples to ``samples.jsonl`` (a record per prompt,
+    with its round) and to TensorBoard as text (a markdown table per round)."""
+    with open(self.samples_path, "a") as f:
+      f.writelines(json.dumps({"round": round_num, **s}) + "\n" for s in samples)
+    cell = lambda t: str(t).replace("|", "\\|").replace("\n", " / ")
+    rows = ["| client | prompt | personalized | global |", "|---|---|---|---|"]
+    rows += [f"| {cell(s['name'])} | {cell(s['prompt'])} | {cell(s['personalized'])} | "
+             f"{cell(s['global'])} |" for s in samples]
+    self._tb.add_text("samples", "\n".join(rows), global_step=round_num)
 
   def close(self):
     self._file.close()
@@ -127,7 +147,7 @@ def is_bad_record(record: Mapping) -> bool:
 
 def summarize(history: Sequence[dict], final_eval: Mapping[str, np.ndarray] | None = None,
               client_groups: Sequence[str] | None = None, *, excluded_clients: int = 0,
-              stopped: str | None = None) -> dict:
+              stopped: str | None = None, samples: Sequence[Mapping] | None = None) -> dict:
   """The end-of-run summary: last-round metrics, per-client spread and per-group means, and
   warnings (bad rounds, clients left out, a run stopped for divergence).
 
@@ -137,11 +157,12 @@ def summarize(history: Sequence[dict], final_eval: Mapping[str, np.ndarray] | No
     client_groups: a group name per client (e.g. its modality-task pair), for per-group rows.
     excluded_clients: clients left out of the run for having no training or test examples.
     stopped: why the run stopped early, if it did.
+    samples: the last evaluation's generation samples (`builders.make_sampler`), if any.
 
   Returns:
     {"final": {...}, "per_client": {metric: {mean, std, min, p10, median, max, clients}},
      "per_group": {group: {metric: mean}}, "bad_rounds": [...], "excluded_clients": n,
-     "warnings": [...]}.
+     "warnings": [...]}, and "samples": [...] when there are samples.
   """
   last = {}
   for h in history:
@@ -158,6 +179,8 @@ def summarize(history: Sequence[dict], final_eval: Mapping[str, np.ndarray] | No
                     "excluded from sampling and from the per-client statistics")
   out = {"final": last, "per_client": {}, "per_group": {}, "bad_rounds": bad,
          "excluded_clients": excluded_clients, "warnings": warnings}
+  if samples:
+    out["samples"] = list(samples)
   if final_eval:
     for key, values in final_eval.items():
       if "/per_client_" not in key:
@@ -207,4 +230,7 @@ def format_summary(summary: Mapping) -> str:
     for group, metrics in summary["per_group"].items():
       lines.append("  " + f"{group:<24}" + "".join(f"{metrics.get(k, float('nan')):12.4f}"
                                                   for k in keys))
+  for s in summary.get("samples", ()):
+    lines += ["", f"sample, {s['name']}: {s['prompt']!r}",
+              f"  personalized: {s['personalized']!r}", f"  global:       {s['global']!r}"]
   return "\n".join(lines)

@@ -80,6 +80,7 @@ def train(alg: Algorithm, params: PyTree,
           client_groups: Sequence[str] | None = None, param_shardings: PyTree | None = None,
           max_bad_rounds: int = 3, run_config: dict | None = None,
           allow_config_change: bool = False, excluded_clients: int = 0,
+          samples: Callable[[PyTree, PyTree], list] | None = None,
           progress: bool = True) -> list[dict]:
   """Runs rounds of `alg` up to round `rounds` and returns the per-round metric history.
 
@@ -112,6 +113,9 @@ def train(alg: Algorithm, params: PyTree,
       `fedjax_fm.rundir.RESUMABLE_CHANGES` may always change).
     excluded_clients: clients the data builder left out for having no examples (reported in
       the summary).
+    samples: (server params, client states) -> generation samples (`builders.make_sampler`),
+      taken at every evaluation and written to ``samples.jsonl`` and TensorBoard text; the last
+      ones also go into the summary.
     progress: show a progress bar.
 
   Raises:
@@ -160,7 +164,7 @@ def train(alg: Algorithm, params: PyTree,
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep_checkpoints) if workdir else None
   # Multi-host: every process computes and checkpoints; process 0 alone logs, plots and prints.
   main = distributed.is_main()
-  start, history, last_eval = 0, [], None
+  start, history, last_eval, last_samples = 0, [], None, None
   if resume:
     try:
       start, state, meta = ckpt.restore({"server": server, "clients": clients},
@@ -195,9 +199,9 @@ def train(alg: Algorithm, params: PyTree,
              disable=not (progress and main), dynamic_ncols=True)
   t0 = time.perf_counter() - (history[-1]["wall_seconds"] if history else 0.0)
 
-  def finish(r, metrics, eval_metrics):
+  def finish(r, metrics, eval_metrics, round_samples):
     """Reads round r's metrics back (blocking), judges the round, logs it."""
-    nonlocal last_eval, bad_streak, bad_total, stop
+    nonlocal last_eval, last_samples, bad_streak, bad_total, stop
     train_metrics = _scalars(metrics)
     problem = round_problem(train_metrics, sum(cohort_sizes))
     if problem:  # averages over no healthy client are not 0: NaN
@@ -214,6 +218,10 @@ def train(alg: Algorithm, params: PyTree,
     history.append(record)
     if log:
       log.write(record)
+    if round_samples is not None:
+      last_samples = round_samples
+      if log:
+        log.write_samples(r + 1, round_samples)
     bar.update(1)
     postfix = {k.split("/")[-1] if k.startswith("train") else k: f"{v:.3f}"
                for k, v in record.items()
@@ -247,15 +255,17 @@ def train(alg: Algorithm, params: PyTree,
     for r in range(start, rounds):
       server, clients, metrics = runner(server, clients, round_cohort(r),
                                         jax.random.fold_in(base_key, r))
-      eval_metrics = None
+      eval_metrics = round_samples = None
       if evaluate is not None and ((r + 1) % eval_every == 0 or r + 1 == rounds):
         eval_metrics = evaluate(server.params, clients)
+        if samples is not None and main:
+          round_samples = samples(server.params, clients)
       if pending:
         finish(*pending)
         if stop:
           pending = None  # round r computed but not logged: the run ends at the streak's end
           break
-      pending = (r, metrics, eval_metrics)
+      pending = (r, metrics, eval_metrics, round_samples)
       if ckpt and ((checkpoint_every and (r + 1) % checkpoint_every == 0) or r + 1 == rounds):
         finish(*pending)  # the checkpoint's history must include this round
         pending = None
@@ -280,7 +290,8 @@ def train(alg: Algorithm, params: PyTree,
   # ---- what the run leaves behind ----
   if history and main:
     summary = report.summarize(history, last_eval, client_groups,
-                               excluded_clients=excluded_clients, stopped=stop)
+                               excluded_clients=excluded_clients, stopped=stop,
+                               samples=last_samples)
     text = report.format_summary(summary)
     if progress:
       print(text)

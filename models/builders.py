@@ -13,11 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fedjax_fm import assets, roles
+from fedjax_fm import assets, pretrain, roles
 from fedjax_fm.builders import Federation, ModelBundle
 from fedjax_fm.models.cnn import MLP, SimpleCNN
 from fedjax_fm.models.decoder import DecoderConfig, DecoderLM
 from fedjax_fm.models.decoder_lora import decoder_component, decoder_lora_config, decoder_roles
+from fedjax_fm.models.decoder_generate import generate
 from fedjax_fm.models.decoder_loss import lm_loss_fn
 from fedjax_fm.models.decoder_pretrained import from_pretrained_decoder
 from fedjax_fm.models.pretrained import from_pretrained
@@ -89,7 +90,7 @@ def pretrained_encoder(config, data: Federation) -> ModelBundle:
 
 # ---- decoder LLMs (Llama, Mistral, Qwen2/3) with LoRA ----
 
-DECODER_KEYS = ("path", "shape", "lora", "trainable", "personal", "dtype", "param_dtype",
+DECODER_KEYS = ("path", "shape", "pretrain", "lora", "trainable", "personal", "dtype", "param_dtype",
                 "remat", "loss_chunk")
 DECODER_INPUTS = ("input_ids", "attention_mask")
 
@@ -102,12 +103,13 @@ def _decoder_knobs(config) -> dict:
     raise ValueError(f"model 'decoder' reads config.model.{missing[0]}"
                      f"{f' (and {missing[1:]})' if missing[1:] else ''}, which the config does "
                      f"not set; a decoder config sets all of {list(DECODER_KEYS)} (see "
-                     "configs/llm_tiny.py)")
+                     "configs/llm_shakespeare.py)")
   knobs = {k: m[k] for k in DECODER_KEYS}
-  if (knobs["path"] is None) == (knobs["shape"] is None):
+  if sum(knobs[k] is not None for k in ("path", "shape", "pretrain")) != 1:
     raise ValueError("set exactly one of config.model.path (a local Hugging Face decoder "
-                     "folder) and config.model.shape (DecoderConfig fields of a random model); "
-                     "the other None")
+                     "folder), config.model.shape (DecoderConfig fields of a random model) and "
+                     "config.model.pretrain (a decoder pretrained centrally and cached, "
+                     "fedjax_fm.pretrain); the others None")
   for key in ("dtype", "param_dtype"):
     if knobs[key] not in DTYPES:
       raise ValueError(f"unknown config.model.{key} {knobs[key]!r}; use one of "
@@ -152,9 +154,10 @@ def random_decoder(config: DecoderConfig, lora, seed: int) -> DecoderLM:
 def decoder_model(config, data: Federation) -> ModelBundle:
   """A decoder LM with LoRA (``model.name`` ``"decoder"``), trained on next-token loss.
 
-  Reads, all required: ``model.path`` (a local Hugging Face llama/mistral/qwen2/qwen3 folder)
-  or ``model.shape`` (`DecoderConfig` fields of a numpy-random model, for tests and CI), the
-  other None; ``model.lora`` (rank, alpha, targets); ``model.trainable`` / ``model.personal``
+  Reads, all required: ``model.path`` (a local Hugging Face llama/mistral/qwen2/qwen3 folder),
+  ``model.shape`` (`DecoderConfig` fields of a numpy-random model, for tests and CI) or
+  ``model.pretrain`` (a decoder pretrained centrally on held-out text and cached,
+  `fedjax_fm.pretrain`), the others None; ``model.lora`` (rank, alpha, targets); ``model.trainable`` / ``model.personal``
   (`decoder_roles` components, e.g. ``("lora",)`` and ``("lora_down",)``); ``model.dtype``
   (compute) and ``model.param_dtype`` (the frozen backbone's storage; LoRA stays float32);
   ``model.remat`` (a key of `decoder.REMAT_POLICIES`); ``model.loss_chunk`` (positions per
@@ -165,6 +168,8 @@ def decoder_model(config, data: Federation) -> ModelBundle:
   lora = decoder_lora_config(dict(k["lora"].to_dict() if hasattr(k["lora"], "to_dict")
                                   else k["lora"]))
   dtype, param_dtype = DTYPES[k["dtype"]], DTYPES[k["param_dtype"]]
+  if k["pretrain"] is not None:
+    k["path"] = pretrain.pretrained_decoder(k["pretrain"])
   if k["path"] is not None:
     model = from_pretrained_decoder(k["path"], dtype=dtype, param_dtype=param_dtype, lora=lora,
                                     seed=config.seed, config_overrides={"remat": k["remat"]})
@@ -179,7 +184,26 @@ def decoder_model(config, data: Federation) -> ModelBundle:
   role_tree = decoder_roles(params, trainable=tuple(k["trainable"]),
                             personal=tuple(k["personal"]))
   chunk = int(k["loss_chunk"])
+
+  def generate_tokens(params, input_ids, attention_mask, max_new_tokens):
+    return generate(nnx.merge(graphdef, params), input_ids, attention_mask, max_new_tokens)
+
   return ModelBundle(params=params, roles=role_tree, graphdef=graphdef,
                      input_keys=DECODER_INPUTS,
                      loss=lambda train: lm_loss_fn(graphdef, chunk_size=chunk),
+                     derived_metrics=with_perplexity, generate=generate_tokens,
                      extras={"decoder_config": model.config})
+
+
+def with_perplexity(metrics: dict) -> dict:
+  """Adds ``<mode>/perplexity = exp(<mode>/loss)`` (and per client) to a language model's
+  evaluation: the exponentiated mean next-token negative log-likelihood. The loss is a mean
+  over examples of each example's per-token mean, so this is the per-token perplexity exactly
+  when the examples have equal lengths (full windows), as the Shakespeare LM's all but each
+  client's last."""
+  out = dict(metrics)
+  for key, value in metrics.items():
+    mode, _, metric = key.partition("/")
+    if metric in ("loss", "per_client_loss"):
+      out[f"{mode}/{metric.replace('loss', 'perplexity')}"] = jnp.exp(value)
+  return out

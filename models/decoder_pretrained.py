@@ -21,6 +21,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import mmap
 import os
@@ -233,3 +234,57 @@ def _fresh_lora(build: Callable[[], DecoderLM],
 
   return jax.jit(init, out_shardings=dict(shardings))()
 
+
+
+def save_pretrained_decoder(model: DecoderLM, path: str) -> None:
+  """Writes `model`'s backbone as a Hugging Face llama / qwen3 folder (config.json and
+  model.safetensors, float32) that `from_pretrained_decoder` and transformers'
+  ``AutoModelForCausalLM.from_pretrained`` both load: the inverse of `PARAMETER_MAP`.
+
+  LoRA factors are not written (merge them into the backbone first to export a fine-tuned
+  model). The folder is written under a temporary name and renamed, so a crash never leaves a
+  half-written checkpoint at `path`.
+
+  Raises:
+    ValueError: a model whose architecture transformers' llama / qwen3 classes cannot express
+      (attention biases on q/k/v without o, a sliding window, a rope scaling other than
+      llama3 / linear).
+    FileExistsError: `path` exists.
+  """
+  c = model.config
+  if c.attention_bias or c.sliding_window is not None:
+    raise ValueError("save_pretrained_decoder writes llama / qwen3 folders; this model has "
+                     "q/k/v biases or a sliding window (qwen2 / mistral), which it does not write")
+  if os.path.exists(path):
+    raise FileExistsError(f"{path} exists; remove it or choose another folder")
+  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+
+  hf = {"architectures": ["Qwen3ForCausalLM" if c.qk_norm else "LlamaForCausalLM"],
+        "model_type": "qwen3" if c.qk_norm else "llama",
+        "vocab_size": c.vocab_size, "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size, "num_hidden_layers": c.num_layers,
+        "num_attention_heads": c.num_heads, "num_key_value_heads": c.num_kv_heads,
+        "head_dim": c.head_dim, "rope_theta": c.rope_theta, "rms_norm_eps": c.rms_norm_eps,
+        "tie_word_embeddings": c.tie_word_embeddings, "hidden_act": c.activation,
+        "attention_bias": c.attention_out_bias, "mlp_bias": False,
+        "max_position_embeddings": 4096, "torch_dtype": "float32"}
+  if c.rope_scaling is not None:
+    hf["rope_scaling"] = {k: v for k, v in dataclasses.asdict(c.rope_scaling).items()
+                          if v is not None}
+  flat = {roles_lib.leaf_path(p): np.asarray(jax.device_get(x), np.float32)
+          for p, x in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(model)))
+          if decoder_lora.decoder_component(roles_lib.leaf_path(p)) == "backbone"}
+  tensors = {}
+  for ours, value in flat.items():
+    name, convert = PARAMETER_MAP[ours]
+    if ours.startswith("layers/"):
+      for i in range(c.num_layers):
+        tensors[_LAYER_PREFIX.format(i) + name] = np.ascontiguousarray(convert(value[i]))
+    else:
+      tensors[name] = np.ascontiguousarray(convert(value))
+  tmp = f"{path}.tmp-{os.getpid()}"
+  os.makedirs(tmp)
+  with open(os.path.join(tmp, "config.json"), "w") as f:
+    json.dump(hf, f, indent=2)
+  save_file(tensors, os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt"})
+  os.replace(tmp, path)

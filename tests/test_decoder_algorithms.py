@@ -39,7 +39,7 @@ def _config(**model):
       test_examples_per_client=4, seq_len=SEQ, vocab_size=VOCAB, num_dialects=3,
       empty_clients="error"))
   c.model = ml_collections.ConfigDict({**dict(
-      name="decoder", path=None, shape=SHAPE,
+      name="decoder", path=None, shape=SHAPE, pretrain=None,
       lora=dict(rank=4, alpha=8.0, targets=("v", "down")),
       trainable=("lora",), personal=(), dtype="float32", param_dtype="float32", remat="none",
       loss_chunk=16), **model})

@@ -19,7 +19,7 @@ from fedjax_fm import models
 from fedjax_fm import roles as roles_lib
 from fedjax_fm import sharding
 from fedjax_fm.models.decoder_generate import generate
-from fedjax_fm.models.decoder_pretrained import from_pretrained_decoder
+from fedjax_fm.models.decoder_pretrained import from_pretrained_decoder, save_pretrained_decoder
 
 VOCAB = 128
 _SIZES = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -86,6 +86,30 @@ def test_logits_match_transformers_with_left_and_right_padding(checkpoints, name
   diff = np.abs(got - ref)[real].max()
   assert diff < 1e-4, f"{name}: max |logits diff| {diff}"
   assert np.abs(ref[real]).max() > 0.1  # the comparison is not of near-zero numbers
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_saved_folder_loads_back_here_and_in_transformers(checkpoints, name, tmp_path):
+  """`save_pretrained_decoder` inverts the loader: our reload is bit-identical, and transformers
+  reads the folder into a model with the original's logits (the pretrained Shakespeare LM is
+  saved this way)."""
+  torch_model, folder = checkpoints[name]
+  model = from_pretrained_decoder(folder, lora={"rank": 2, "targets": ("q",)})
+  save_pretrained_decoder(model, str(tmp_path / "saved"))
+  assert sorted(os.listdir(tmp_path)) == ["saved"]  # no temporary folder left behind
+  flat = lambda m: {roles_lib.leaf_path(p): np.asarray(x) for p, x in
+                    jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(m)))
+                    if "lora" not in roles_lib.leaf_path(p)}
+  back = flat(from_pretrained_decoder(str(tmp_path / "saved")))
+  assert back.keys() == flat(model).keys()
+  for p, x in flat(model).items():
+    np.testing.assert_array_equal(back[p], x, err_msg=p)
+  reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "saved")).eval()
+  ids, mask = _batch()
+  diff = np.abs(_torch_logits(reloaded, ids, mask) - _torch_logits(torch_model, ids, mask))
+  assert diff[mask > 0].max() < 1e-5, diff.max()
+  with pytest.raises(FileExistsError, match="exists"):
+    save_pretrained_decoder(model, str(tmp_path / "saved"))
 
 
 def test_from_pretrained_dispatches_decoders_with_lora(checkpoints):
