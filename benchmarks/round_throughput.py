@@ -64,7 +64,7 @@ ENGINE_EXAMPLES = ("fedjax_fm[default]", "fedjax_fm[vmap]", "fedjax_fm[vmap,scan
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--workload", choices=("w1", "w2"), default="w1")
+  p.add_argument("--workload", choices=("w1", "w2", "w3"), default="w1")
   p.add_argument("--quick", action="store_true",
                  help="CI smoke run (< 1 min): W1 with 100 clients, cohort 5, the default "
                  "engine row and torch_loop; W2 on a tiny random-weight BERT, 2 clients x 1 "
@@ -81,6 +81,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--batch", type=int, default=None, help="local batch size (W1 10, W2 8)")
   p.add_argument("--steps", type=int, default=None, help="W2: local steps per client (4)")
   p.add_argument("--seq_len", type=int, default=None, help="W2: tokens per sequence (32)")
+  p.add_argument("--shape", choices=("llama-100m", "tiny"), default=None,
+                 help="W3: the decoder's shape (llama-100m; quick: tiny)")
   p.add_argument("--bottleneck", type=int, default=None, help="W2: adapter width (32)")
   p.add_argument("--no_dropout", action="store_true",
                  help="W1: dropout off in every runner, so all compute the same round and the "
@@ -99,6 +101,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="extra XLA_FLAGS for every JAX row, appended before jax is imported")
   p.add_argument("--torch_threads", type=int, default=None,
                  help="torch.set_num_threads (default: all cores)")
+  p.add_argument("--no_interleave", dest="interleave", action="store_false",
+                 help="time each runner's rounds right after its warm-up (default: all runners "
+                 "warmed up, then the timed rounds round-robin over the runners)")
   p.add_argument("--json", type=str, default=None, help="write the records to this path")
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args(argv)
@@ -134,9 +139,10 @@ import jax_runners
 import pfl_runner
 import workload_w1
 import workload_w2
+import workload_w3
 from measure import Noise, measure_peak, progress
 
-WORKLOADS = {"w1": workload_w1, "w2": workload_w2}
+WORKLOADS = {"w1": workload_w1, "w2": workload_w2, "w3": workload_w3}
 PFL_HOWTO = ("pfl pins an older absl-py than fedjax_fm: install it in its own venv, "
              "benchmarks/pfl_runner.py says how")
 
@@ -213,15 +219,20 @@ def print_table(work, records, args, peak, peak_reps, default_name):
   print(f"{work.summary}, {work.round_flops / 1e9:.1f} GFLOP/round; backend {backend} "
         f"({jax.device_count()} device(s)); {args.dtype} matmul peak {peak_best:.0f} GFLOP/s ("
         + ", ".join(f"{k} {v:.0f}" for k, v in peak.items()) + f", median of {peak_reps}); "
-        f"median of {args.rounds} rounds after {args.warmup} warm-up")
+        f"median of {args.rounds} rounds after {args.warmup} warm-up"
+        + (", timed rounds interleaved over runners" if args.interleave else ""))
   check = work.deterministic and args.warmup > 0
-  print("| runner | s/round | client-steps/s | vs default | vs best torch | GFLOP/s | % of peak "
+  tok = work.tokens is not None
+  print("| runner | s/round | client-steps/s |" + (" tokens/s |" if tok else "")
+        + " vs default | vs best torch | GFLOP/s | % of peak "
         "| warm-up s | other/steal CPU % |" + (" rel. diff |" if check else ""))
-  print("|---|---|---|---|---|---|---|---|---|" + ("---|" if check else ""))
+  print("|---|---|---|---|---|---|---|---|---|" + ("---|" if tok else "") + ("---|" if check else ""))
   for rec in records:
     s = rec["s_per_round"]
     row = (f"| {rec['runner'] + (' *' if rec['default'] else '')} | {s:.2f} "
-           f"| {rec['client_steps_per_s']:.0f} | {f'{ref / s:.2f}x' if ref else 'n/a'} "
+           f"| {rec['client_steps_per_s']:.0f} "
+           + (f"| {work.tokens / s:.0f} " if tok else "")
+           + f"| {f'{ref / s:.2f}x' if ref else 'n/a'} "
            f"| {f'{torch_s / s:.2f}x' if torch_s else 'n/a'} | {rec['gflops']:.1f} "
            f"| {100 * rec['peak_fraction']:.0f}% | {rec['warmup_s']:.1f} "
            f"| {100 * rec['other_cpu_share']:.0f}/{100 * rec['steal_share']:.0f} |")
@@ -235,6 +246,22 @@ def print_table(work, records, args, peak, peak_reps, default_name):
         "hypervisor while timed."
         + (" rel. diff: max |shared params - first runner's| / max |first runner's| after "
            "round 1." if check else ""))
+
+
+def time_round(runner: dict, name: str, work, r: int, args):
+  """Times round r of a built runner, with the CPU share others took meanwhile."""
+  with Noise() as noise:
+    t = time.perf_counter()
+    runner["step"](work.cohorts[r], r)
+    runner["times"].append(time.perf_counter() - t)
+  runner["noise"].append(noise)
+  progress(f"  {name:30s} round {r + 1}/{args.warmup + args.rounds}: "
+           f"{runner['times'][-1]:7.3f} s {runner['step'].info()}")
+
+
+def time_weighted(noises, times, attr: str) -> float:
+  values = [(getattr(n, attr), t) for n, t in zip(noises, times) if not np.isnan(getattr(n, attr))]
+  return (sum(v * t for v, t in values) / sum(t for _, t in values)) if values else float("nan")
 
 
 def main(args):
@@ -275,10 +302,17 @@ def main(args):
   work = module.setup(args, torch, tdev, args.warmup + args.rounds)
   progress(f"{work.summary}: {work.round_flops / 1e9:.1f} GFLOP/round")
 
-  records, first_shared = [], None
+  # Every runner is built and warmed up first; then the timed rounds go round-robin (round r of
+  # every runner, then round r + 1), so that on a shared machine a burst of other work lands
+  # on all rows alike instead of on whichever runner happened to be timed then.
+  # --no_interleave times each runner's rounds right after its warm-up (one runner alive at a
+  # time: less memory).
+  first_shared, built = None, {}
+  timed = range(args.warmup, args.warmup + args.rounds)
   for name in runners:
     t_build = time.perf_counter()
     step = build_runner(name, work, mesh)
+    rel_diff = None
     for r in range(args.warmup):
       t = time.perf_counter()
       step(work.cohorts[r], r)
@@ -289,26 +323,34 @@ def main(args):
         first_shared = first_shared or shared
         rel_diff = relative_difference(shared, first_shared)
         progress(f"  {name:30s} after round 1: rel. diff from the first runner {rel_diff:.1e}")
-    warmup_s = time.perf_counter() - t_build
-    times = []
-    with Noise() as noise:
-      for r in range(args.warmup, args.warmup + args.rounds):
-        t = time.perf_counter()
-        step(work.cohorts[r], r)
-        times.append(time.perf_counter() - t)
-        progress(f"  {name:30s} round {r + 1}/{args.warmup + args.rounds}: "
-                 f"{times[-1]:7.3f} s {step.info()}")
-    s = float(np.median(times))
+    built[name] = {"step": step, "warmup_s": time.perf_counter() - t_build,
+                   "rel_diff": rel_diff, "times": [], "noise": []}
+    if not args.interleave:
+      for r in timed:
+        time_round(built[name], name, work, r, args)
+      built[name]["step"] = None  # free the runner's device state before the next one
+  if args.interleave:
+    for r in timed:
+      for name in runners:
+        time_round(built[name], name, work, r, args)
+
+  records = []
+  for name in runners:
+    b = built[name]
+    s = float(np.median(b["times"]))
     gflops = work.round_flops / s / 1e9
     rec = {"workload": work.name, "runner": name, "s_per_round": s,
            "client_steps_per_s": work.client_steps / s, "gflops": gflops,
+           "tokens_per_s": None if work.tokens is None else work.tokens / s,
            "peak_fraction": gflops / peak_best, "default": name == default_name,
-           "warmup_s": warmup_s, "round_times_s": times, "other_cpu_share": noise.other,
-           "steal_share": noise.steal}
+           "warmup_s": b["warmup_s"], "round_times_s": b["times"],
+           "other_cpu_share": time_weighted(b["noise"], b["times"], "other"),
+           "steal_share": time_weighted(b["noise"], b["times"], "steal"),
+           "interleaved": args.interleave}
     if work.deterministic and args.warmup:
-      rec["rel_diff_vs_first"] = rel_diff
+      rec["rel_diff_vs_first"] = b["rel_diff"]
     records.append(rec)
-    del step  # free the runner's device state before the next one
+  built.clear()
 
   print_table(work, records, args, peak, peak_reps, default_name)
   if args.json:

@@ -23,3 +23,4 @@ class Workload:
   torch_runner: Callable[[], Callable] | None  # () -> step, None without torch
   deterministic: bool          # runners must agree after the first round (no dropout)
   pfl_runner: Callable[[], Callable] | None = None  # () -> step of pfl-research's simulator
+  tokens: int | None = None    # tokens one round trains on (language models), for tokens/s

@@ -11,14 +11,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIELDS = {"workload", "runner", "s_per_round", "client_steps_per_s", "gflops", "peak_fraction"}
 
 
-def run_quick(tmp_path, workload: str) -> list[dict]:
+def run_quick(tmp_path, workload: str, *extra: str) -> list[dict]:
   out = tmp_path / f"{workload}.json"
   # Its own device count; the tests' XLA:CPU optimisation level (conftest.py): a smoke test.
   env = dict(os.environ, XLA_FLAGS=" ".join(
       f for f in os.environ.get("XLA_FLAGS", "").split()
       if not f.startswith("--xla_force_host_platform_device_count")))
   proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "round_throughput.py"),
-                         "--workload", workload, "--quick", "--json", str(out)],
+                         "--workload", workload, "--quick", "--json", str(out), *extra],
                         capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "| runner |" in proc.stdout
@@ -47,3 +47,14 @@ def test_w2_quick(tmp_path):
   # head (float32 rounding apart), so they time the same computation.
   for r in records:
     assert r["rel_diff_vs_first"] < 1e-4, (r["runner"], r["rel_diff_vs_first"])
+
+
+def test_w3_quick(tmp_path):
+  """W3 on the tiny decoder: the engine round and transformers' Llama + peft LoRA loop train
+  the same LoRA factors (no dropout), so they agree after round 1."""
+  pytest.importorskip("peft")
+  records = run_quick(tmp_path, "w3", "--runners", "fedjax_fm[default],torch_loop",
+                      "--rounds", "1", "--torch_threads", "1")
+  assert [r["runner"].startswith("fedjax_fm[") for r in records] == [True, False], records
+  for r in records:
+    assert r["tokens_per_s"] > 0 and r["rel_diff_vs_first"] < 1e-4, r
