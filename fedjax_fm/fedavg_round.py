@@ -90,6 +90,10 @@ def local_update_algorithm(
   server_chain = chain_lib.build_chain(aggregation, server_optimizer)
   # A chain link's personal state (top-k's residual) rides along the personal rows.
   with_chain_rows = server_chain.has_client_state
+  # The plain chain (finite filter, weighted mean, optimizer) under `sequential`: each client
+  # checks its own update and adds its weighted delta to a running sum inside the client
+  # loop, so the [K, model] stack of deltas is never written and read back (BENCHMARKS.md).
+  running_sum = execution.strategy == "sequential" and aggregation == chain_lib.ChainConfig()
   if aggregation.compresses and SHARED not in jax.tree_util.tree_leaves(roles):
     raise ValueError(f"compression ({aggregation.compression}) needs an algorithm that sends "
                      "shared parameters; this one keeps every trained leaf on the client")
@@ -140,16 +144,36 @@ def local_update_algorithm(
                                      shared)
       return delta, roles_lib.select(trained, roles, PERSONAL), sums
 
-    deltas, new_personal, sums = execution.map(one_client)(
-        personal, cohort.data, cohort.mask, keys)
-    deltas, new_personal = execution.constrain((deltas, new_personal))
-
-    ok = aggregate.finite_clients((deltas, new_personal, sums["loss_sum"]))
     # Unweighted: every real client counts 1; padding slots (weight 0) must stay 0.
     weights = cohort.weights if weighted else (cohort.weights > 0).astype(cohort.weights.dtype)
-    out = server_chain.apply(shared, deltas, weights, ok, (server.chain, server.opt_state),
-                             agg_rng, round_num=server.round,
-                             client=rows["chain"] if with_chain_rows else None)
+    if running_sum:
+      def summed_client(personal_k, data_k, mask_k, key_k, w_k):
+        delta, new_p, sums_k = one_client(personal_k, data_k, mask_k, key_k)
+        ok_k = aggregate.finite_clients(
+            jax.tree_util.tree_map(lambda x: x[None], (delta, new_p, sums_k["loss_sum"])))[0]
+        w_k = jnp.where(ok_k, w_k, 0.0)
+        weighted = jax.tree_util.tree_map(
+            lambda d: jnp.where(ok_k, d, jnp.zeros_like(d)) * w_k.astype(d.dtype), delta)
+        return (weighted, w_k), (new_p, sums_k, ok_k)
+
+      (total, weight), (new_personal, sums, ok) = execution.map_sum(summed_client)(
+          personal, cohort.data, cohort.mask, keys, weights)
+      new_personal = execution.constrain(new_personal)
+      # The chain sees one pre-averaged update of weight 1 (0 when no client was healthy).
+      mean = jax.tree_util.tree_map(
+          lambda t: (t / jnp.where(weight > 0, weight, 1.0).astype(t.dtype))[None], total)
+      any_ok = (weight > 0)[None]
+      out = server_chain.apply(shared, mean, any_ok.astype(weights.dtype), any_ok,
+                               (server.chain, server.opt_state), agg_rng,
+                               round_num=server.round)
+    else:
+      deltas, new_personal, sums = execution.map(one_client)(
+          personal, cohort.data, cohort.mask, keys)
+      deltas, new_personal = execution.constrain((deltas, new_personal))
+      ok = aggregate.finite_clients((deltas, new_personal, sums["loss_sum"]))
+      out = server_chain.apply(shared, deltas, weights, ok, (server.chain, server.opt_state),
+                               agg_rng, round_num=server.round,
+                               client=rows["chain"] if with_chain_rows else None)
 
     new_rows = {"personal": new_personal, "chain": out.client} if with_chain_rows else new_personal
     client_states = clients.scatter_rows(client_states, ids, new_rows, keep=ok)

@@ -109,6 +109,11 @@ class ClientExecution:
   def map(self, fn: Callable[..., PyTree], in_axes: Any = 0) -> Callable[..., PyTree]:
     return clients_lib.map_clients(fn, self.strategy, self.chunk_size, in_axes)
 
+  def map_sum(self, fn: Callable[..., tuple[PyTree, PyTree]],
+              in_axes: Any = 0) -> Callable[..., tuple[PyTree, PyTree]]:
+    """`clients.map_sum_clients`: (sum over clients of fn's first output, stacked second)."""
+    return clients_lib.map_sum_clients(fn, self.strategy, self.chunk_size, in_axes)
+
   def constrain(self, tree: PyTree) -> PyTree:
     """Keeps a client-stacked tree's leading axis on the mesh's ``clients`` axis (in jit)."""
     return tree if self.mesh is None else sharding.constrain_clients(tree, self.mesh)
