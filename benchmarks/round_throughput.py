@@ -81,6 +81,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--batch", type=int, default=None, help="local batch size (W1 10, W2 8)")
   p.add_argument("--steps", type=int, default=None, help="W2: local steps per client (4)")
   p.add_argument("--seq_len", type=int, default=None, help="W2: tokens per sequence (32)")
+  p.add_argument("--layers", type=int, default=None,
+                 help="W2: a random-weight BERT of all-MiniLM-L6-v2's sizes with this many "
+                 "layers instead of the real model")
   p.add_argument("--shape", choices=("llama-100m", "tiny"), default=None,
                  help="W3: the decoder's shape (llama-100m; quick: tiny)")
   p.add_argument("--bottleneck", type=int, default=None, help="W2: adapter width (32)")

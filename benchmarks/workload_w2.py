@@ -58,6 +58,9 @@ DEFAULTS = {"clients": 16, "steps": 4, "batch": 8, "seq_len": 32, "bottleneck": 
 QUICK_DEFAULTS = {"clients": 2, "steps": 1, "batch": 4, "seq_len": 16, "bottleneck": 8}
 TINY_BERT = dict(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                  intermediate_size=128, max_position_embeddings=64)
+# all-MiniLM-L6-v2's sizes, for random BERTs of other depths (--layers: the cost-growth plot).
+MINILM_SHAPE = dict(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                    intermediate_size=1536, max_position_embeddings=512)
 DEFAULT_RUNNERS = ("fedjax_fm[default]", "fedjax_fm[sequential1,scan]", "fedjax_fm[vmap]",
                    "fedjax_fm[vmap,scan]", "jax_client_loop", "torch_loop",
                    "torch_loop[threads=1]", "pfl", "drjax")
@@ -95,13 +98,14 @@ def round_flops(s: Shape, sequences: int) -> float:
 # --------------------------------------------------------------------------- model and data
 
 
-def tiny_bert_folder(seed: int) -> str:
-  """A random-weight BERT saved by transformers in a temporary folder (for --quick)."""
+def tiny_bert_folder(seed: int, shape: dict | None = None) -> str:
+  """A random-weight BERT saved by transformers in a temporary folder (for --quick; with
+  `shape`, e.g. MiniLM's sizes with another depth, for --layers)."""
   import torch  # pylint: disable=g-import-not-at-top
   from transformers import BertConfig, BertModel  # pylint: disable=g-import-not-at-top
   torch.manual_seed(seed)
-  path = tempfile.mkdtemp(prefix="w2_tiny_bert_")
-  BertModel(BertConfig(**TINY_BERT)).save_pretrained(path)
+  path = tempfile.mkdtemp(prefix="w2_random_bert_")
+  BertModel(BertConfig(**(shape or TINY_BERT))).save_pretrained(path)
   return path
 
 
@@ -280,6 +284,9 @@ def setup(args, torch, tdev, rounds: int) -> Workload:
   """W2's federation, cohorts for `rounds` rounds (all clients each round), model, runners."""
   if args.model_path:
     path, label = args.model_path, os.path.basename(args.model_path.rstrip("/"))
+  elif getattr(args, "layers", None):
+    path = tiny_bert_folder(args.seed, dict(MINILM_SHAPE, num_hidden_layers=args.layers))
+    label = f"random MiniLM-shaped BERT, {args.layers} layers"
   elif args.quick:
     path, label = tiny_bert_folder(args.seed), "tiny random BERT"
   else:

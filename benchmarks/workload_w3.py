@@ -22,6 +22,7 @@ A = 4 T L H d_head (attention scores and context over the full T x T, forward 2 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from fedjax_fm import cohort as cohort_lib
@@ -144,13 +145,15 @@ def torch_model(torch, hf: dict, params_by_path: dict[str, np.ndarray]):
   return model, trainable
 
 
-def torch_loop_runner(torch, device, hf: dict, params_by_path):
+def torch_loop_runner(torch, device, hf: dict, params_by_path, dtype: str = "float32"):
   """Sequential clients over one peft model: per client the global LoRA factors are copied in,
   local SGD runs on them, the weighted delta is accumulated."""
   model, trainable = torch_model(torch, hf, params_by_path)
   model.to(device).train()
   params = [p for ps in trainable.values() for p in ps]
   sync = torch_sync(torch, device)
+  autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16"
+              else torch.autocast(device.type, enabled=False))
 
   def step(cohort, r):
     del r
@@ -166,7 +169,9 @@ def torch_loop_runner(torch, device, hf: dict, params_by_path):
       opt = torch.optim.SGD(params, lr=CLIENT_LR)
       for s in range(cohort.num_steps):
         opt.zero_grad(set_to_none=True)
-        model(input_ids=ids[k, s], attention_mask=mask[k, s], labels=ids[k, s]).loss.backward()
+        with autocast:
+          loss = model(input_ids=ids[k, s], attention_mask=mask[k, s], labels=ids[k, s]).loss
+        loss.backward()
         opt.step()
       w = float(cohort.weights[k])
       total += w
@@ -190,7 +195,10 @@ def torch_loop_runner(torch, device, hf: dict, params_by_path):
 def setup(args, torch, tdev, rounds: int) -> Workload:
   """W3's federation, cohorts for `rounds` rounds (all clients each round), model, runners."""
   hf = SHAPES[args.shape]
-  config = DecoderConfig.from_hf(hf)
+  # bfloat16: backbone stored and computed in bf16 (LoRA factors stay float32), the torch loop
+  # under autocast.
+  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+  config = DecoderConfig.from_hf(hf, dtype=dtype, param_dtype=dtype)
   lora = DecoderLoRAConfig(rank=LORA_RANK, alpha=LORA_ALPHA, targets=TARGETS)
   graphdef, params = functional(random_decoder(config, lora, args.seed))
   roles = decoder_roles(params, trainable=("lora",))
@@ -203,13 +211,13 @@ def setup(args, torch, tdev, rounds: int) -> Workload:
   n_frozen = roles_lib.count(roles, params, roles_lib.FROZEN)
   summary = (f"W3: {args.shape} decoder ({config.num_layers} layers x {config.hidden_size}, "
              f"{n_frozen / 1e6:.1f}M frozen, {n_shared / 1e6:.2f}M trained: LoRA r={LORA_RANK} "
-             f"on {','.join(TARGETS)}), float32; {args.clients} clients x {args.steps} local "
+             f"on {','.join(TARGETS)}), {args.dtype}; {args.clients} clients x {args.steps} local "
              f"steps x batch {args.batch} x {args.seq_len} tokens")
   params_by_path = {roles_lib.leaf_path(p): np.asarray(x, np.float32)
                     for p, x in jax.tree_util.tree_leaves_with_path(params)}
   torch_runner = None
   if torch is not None:
-    torch_runner = lambda: torch_loop_runner(torch, tdev, hf, params_by_path)
+    torch_runner = lambda: torch_loop_runner(torch, tdev, hf, params_by_path, args.dtype)
   return Workload(
       name=NAME, summary=summary, round_flops=round_flops(hf, tokens, args.seq_len),
       client_steps=args.clients * args.steps, num_clients=fed.num_clients, cohorts=cohorts,
