@@ -10,6 +10,7 @@ client's head) and A_s alone (global, heads averaged).
 from __future__ import annotations
 
 from fedjax_fm.algorithms import feddat as feddat_lib
+from fedjax_fm.algorithms import feddat_decoder
 from fedjax_fm.builders import Built, Federation, ModelBundle, chain_config, read_hparams
 from fedjax_fm.evaluate import make_evaluator
 
@@ -20,6 +21,8 @@ HPARAMS = ("client_lr", "teacher_weights", "temperature", "distill", "mutual_dis
 def build(config, model: ModelBundle, data: Federation, execution) -> Built:
   """`fedjax_fm.builders.AlgorithmBuilder` of ``algorithm.name = "feddat"``: AdamW clients
   (the reference's optimizer) at ``client_lr``; labels under ``y``."""
+  if config.model.name == "decoder":  # three LoRA adapters instead of bottleneck ones
+    return feddat_decoder.build(config, model, data, execution)
   hp = read_hparams(config, HPARAMS)
   names = tuple(config.model.adapters.names)
   task = feddat_lib.classification_task_loss("y")

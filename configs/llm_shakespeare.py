@@ -15,10 +15,11 @@ personalized and global models to ``samples.jsonl`` and TensorBoard.
   python launch.py --config configs/llm_shakespeare.py:ffgg          # FFGG (MLP LoRA private)
   python launch.py --config configs/llm_shakespeare.py:local         # every client alone
   python launch.py --config configs/llm_shakespeare.py:fedpft        # FedPFT's sub-FM (FedOT-like)
+  python launch.py --config configs/llm_shakespeare.py:feddat        # FedDAT's dual LoRA
   python launch.py --config configs/llm_shakespeare.py:tiny          # seconds, for CI
 
 The argument after the colon is ``tiny`` and/or an algorithm (``fedavg``, ``fedper``, ``ffgg``,
-``local``, ``fedpft``).
+``local``, ``fedpft``, ``feddat``).
 """
 
 import ml_collections
@@ -29,7 +30,7 @@ from fedjax_fm.data.text import CHAR_VOCAB_SIZE
 
 # LoRA kept on the client by FedPer-LoRA and FFGG: the SwiGLU MLP's (attention LoRA is shared).
 PERSONAL = "/mlp/lora_"
-ALGORITHMS = ("fedavg", "fedper", "ffgg", "local", "fedpft")
+ALGORITHMS = ("fedavg", "fedper", "ffgg", "local", "fedpft", "feddat")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -65,6 +66,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         layer_align_steps=0, align_every=0, align_steps=0, align_batch_size=16,
         align_retained_ratio=0.5, align_lr=1e-3, alpha=0.01, product_grad=True,
         active_threshold=1e-2, weighted=True, public_examples=0)))
+  elif name == "feddat":
+    # FedDAT's dual LoRA (client A_c, global A_s, frozen copy) with per-token mutual
+    # distillation on the logits (algorithms/feddat_decoder.py); the paper's temperature 3.
+    c.algorithm = ml_collections.ConfigDict(dict(name="feddat", hparams=dict(
+        client_lr=3e-3, teacher_weights=(0.5, 0.5), temperature=3.0, distill="softmax_tokens",
+        mutual_distillation=True, weighted=True)))
   elif name in ("fedper", "ffgg"):
     overrides = dict(personal=PERSONAL)
     if name == "ffgg":  # private MLP LoRA by Adam-free SGD steps, then a shared step

@@ -118,14 +118,18 @@ Samples = Callable[[PyTree, PyTree], list]
 
 class Built(NamedTuple):
   """What an algorithm builder gives the run loop: the algorithm, its evaluation and, for a
-  generative model with prompts, the samples written at every evaluation."""
+  generative model with prompts, the samples written at every evaluation; `params`, the initial
+  parameters when the algorithm lays them out differently from the model builder (FedDAT's
+  three LoRA adapters on a decoder), else None."""
   algorithm: Algorithm
   evaluate: Evaluate | None
   samples: Samples | None = None
+  params: PyTree | None = None
 
 
 def make_sampler(generate: Callable[..., Any], prompts: SamplePrompts, num_clients: int,
-                 personal_rows: Callable[[PyTree], PyTree] | None = None) -> Samples:
+                 personal_rows: Callable[[PyTree], PyTree] | None = None,
+                 generate_global: Callable[..., Any] | None = None) -> Samples:
   """samples(server params, client states) -> ``[{"client", "name", "prompt",
   "personalized", "global"}]``: each prompt continued greedily by its client's personalized
   model (the server parameters merged with the client's personal row) and by the global model
@@ -138,7 +142,10 @@ def make_sampler(generate: Callable[..., Any], prompts: SamplePrompts, num_clien
     num_clients: real clients (rows past it are padding).
     personal_rows: the algorithm's `Algorithm.personal_rows` (client states -> personal
       parameter rows), None when the client states are those rows.
+    generate_global: the global model's generation where it differs from the personalized
+      one's (FedDAT: A_s alone vs the DAT mix); None: `generate`.
   """
+  generate_global = generate_global or generate
   def samples(server_params, client_states):
     rows = personal_rows(client_states) if personal_rows is not None else client_states
     rows = jax.tree_util.tree_map(lambda x: x[:num_clients], rows)
@@ -149,9 +156,10 @@ def make_sampler(generate: Callable[..., Any], prompts: SamplePrompts, num_clien
     for i, client in enumerate(np.asarray(prompts.clients)):
       own = with_row(jax.tree_util.tree_map(lambda x: x[client], rows))
       ids, mask = prompts.input_ids[i:i + 1], prompts.attention_mask[i:i + 1]
-      text = {mode: prompts.decode(np.asarray(generate(params, ids, mask,
-                                                       prompts.max_new_tokens))[0])
-              for mode, params in (("personalized", own), ("global", global_params))}
+      text = {mode: prompts.decode(np.asarray(gen(params, ids, mask,
+                                                  prompts.max_new_tokens))[0])
+              for mode, gen, params in (("personalized", generate, own),
+                                        ("global", generate_global, global_params))}
       out.append({"client": int(client), "name": prompts.names[i], "prompt": prompts.prompts[i],
                   **text})
     return out

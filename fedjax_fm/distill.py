@@ -28,7 +28,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-DISTILL_KINDS = ("softmax", "sigmoid")
+DISTILL_KINDS = ("softmax", "softmax_tokens", "sigmoid")
 
 
 def _check_temperature(temperature: float):
@@ -102,10 +102,36 @@ def sigmoid_kl_distill(student_logits: jax.Array, teacher_logits: jax.Array,
   return jnp.mean(sigmoid_kl_per_example(student_logits, teacher_logits, temperature))
 
 
+def token_kl_per_example(student_logits: jax.Array, teacher_logits: jax.Array,
+                         temperature: float) -> jax.Array:
+  """T^2 * KL(softmax(teacher / T) || softmax(student / T)) per position of a sequence model,
+  averaged over each example's positions whose teacher logits are not all zero.
+
+  For a language model's [B, T, vocab] logits, whose task loss is a per-token mean: the KL term
+  is then per token too, on the task loss's scale (the sum of `kl_per_example` grows with the
+  sequence length). Positions to leave out (padding) carry all-zero logits in the teacher
+  (`fedjax_fm.algorithms.feddat_decoder` zeroes them in every forward); a real logit vector is
+  never exactly zero.
+
+  Returns:
+    [B] float32 (0 for an example with no counted position).
+  """
+  _check_temperature(temperature)
+  teacher = jax.lax.stop_gradient(teacher_logits).astype(jnp.float32)
+  log_p_teacher = jax.nn.log_softmax(teacher / temperature, axis=-1)
+  log_p_student = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
+  kl = jnp.sum(jnp.exp(log_p_teacher) * (log_p_teacher - log_p_student), axis=-1)
+  live = jnp.any(teacher != 0, axis=-1).astype(jnp.float32)
+  return temperature ** 2 * _sum_non_batch(kl * live) / jnp.maximum(_sum_non_batch(live), 1.0)
+
+
 def distill_per_example(kind: str):
-  """The per-example distillation loss by name: ``"softmax"`` or ``"sigmoid"``."""
+  """The per-example distillation loss by name: ``"softmax"``, ``"softmax_tokens"`` or
+  ``"sigmoid"``."""
   if kind == "softmax":
     return kl_per_example
+  if kind == "softmax_tokens":
+    return token_kl_per_example
   if kind == "sigmoid":
     return sigmoid_kl_per_example
   raise ValueError(f"unknown distillation kind {kind!r}; use one of {DISTILL_KINDS}")

@@ -104,6 +104,9 @@ def run(config, workdir: str | None = None, *, resume: bool = False, overwrite: 
   model = build_model(config, data)
   mesh = sharding.make_mesh(tuple(tuple(a) for a in config.mesh))
   built = build_algorithm(config, model, data, build_execution(config, mesh))
+  if "fsdp" in mesh.axis_names and built.params is not None:
+    raise ValueError(f"algorithm {config.algorithm.name!r} lays out its own parameters on this "
+                     "model, which an fsdp mesh axis does not shard yet; use a clients-only mesh")
   if config.cohort_size > data.train.num_clients:
     raise ValueError(f"config.cohort_size={config.cohort_size} is larger than the "
                      f"{data.train.num_clients} clients of the federation; lower it")
@@ -115,8 +118,9 @@ def run(config, workdir: str | None = None, *, resume: bool = False, overwrite: 
     raise ValueError("--resume needs the --workdir of the run to continue")
   # A mesh with an `fsdp` axis splits the frozen backbone over it (one copy, never per client).
   shardings = (param_shardings(model.params, mesh, model.roles)
-               if "fsdp" in mesh.axis_names else None)
-  return train(built.algorithm, model.params, data.train, rounds=config.rounds,
+               if "fsdp" in mesh.axis_names and built.params is None else None)
+  params = model.params if built.params is None else built.params
+  return train(built.algorithm, params, data.train, rounds=config.rounds,
                cohort_size=config.cohort_size, batch_size=config.batch_size,
                local_steps=config.local_steps, local_epochs=config.local_epochs,
                seed=config.seed, mesh=mesh, evaluate=built.evaluate,

@@ -2,8 +2,8 @@
 pretraining, and the tiny config's launch with perplexity and generation samples; FedPFT's
 sub-FM on it through the launcher.
 
-One tiny pretraining (4 steps, cached for the module in a temporary asset cache) and two tiny
-runs of 2 rounds."""
+One tiny pretraining (4 steps, cached for the module in a temporary asset cache) and one tiny
+run of 2 rounds."""
 
 import json
 import math
@@ -12,7 +12,8 @@ import os
 import numpy as np
 import pytest
 
-from fedjax_fm import experiment, pretrain
+from fedjax_fm import experiment, pretrain, sharding
+from fedjax_fm import roles as roles_lib
 from fedjax_fm.data import shakespeare_lm
 from tests import tiny
 
@@ -80,10 +81,17 @@ def test_tiny_run_pretrains_once_reports_perplexity_and_writes_samples(cache, tm
   assert any(f.startswith("events") for f in os.listdir(tmp_path / "tensorboard"))
 
 
-def test_fedpft_sub_fm_runs_on_the_decoder_and_alignment_is_refused(cache, tmp_path):
+def test_fedpft_builds_its_sub_fm_on_the_decoder_and_alignment_is_refused(cache, tmp_path):
+  """The launcher's FedPFT builder on the decoder (its rounds: tests/test_fedpft_decoder.py)."""
   config = tiny.config("llm_shakespeare", "tiny,fedpft")
-  history, _ = tiny.run_two_rounds(config, tmp_path / "fedot")
-  assert math.isfinite(history[-1]["global/perplexity"])
+  data = experiment.build_data(config)
+  model = experiment.build_model(config, data)
+  mesh = sharding.make_mesh()
+  built = experiment.build_algorithm(config, model, data, experiment.build_execution(config, mesh))
+  shared = roles_lib.tree_bytes(roles_lib.select(model.params, model.roles, roles_lib.SHARED))
+  down, up = built.algorithm.bytes_per_client(model.params)
+  assert down == up < shared          # clients get the sub-FM's narrower MLP LoRA
+  assert built.samples is not None
   config.algorithm.hparams.variant = "fedpft"
   with pytest.raises(ValueError, match="variant='fedot'"):
     experiment.run(config, str(tmp_path / "aligned"), progress=False)
