@@ -150,6 +150,11 @@ def _run():
   from fedjax_fm.experiment import run  # pylint: disable=import-outside-toplevel
   if FLAGS.compilation_cache:
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(FLAGS.compilation_cache))
+    # Every program, not only those over jax's default 1 s: a launch compiles dozens of small
+    # ones (init, evaluation, metrics) that together cost more than the round (BENCHMARKS.md,
+    # "Compile time"). $JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS still wins.
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+      jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   # Before anything touches a device: a multi-host run joins its processes first.
   distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id,
                          from_environment=FLAGS.distributed)
