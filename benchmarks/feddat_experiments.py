@@ -22,7 +22,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Baselines first: their curves say how long the comparison must run.
-METHODS = ("fedper", "fedprox_heads", "feddat", "no_mkd", "no_dat")
+METHODS = ("fedper", "fedprox_heads", "feddat", "no_mkd", "no_dat", "fedper_adapter")
 LRS = ("1e-3", "1e-4")
 SEEDS = (0, 1, 2)
 KEPT = ("summary.json", "metrics.jsonl", "config.json")

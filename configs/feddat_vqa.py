@@ -17,6 +17,9 @@ the same local steps, and FedDAT's ablations:
   fedper        FedAvg with personal heads (FedPer): the head stays on the client, the adapter
                 and image tokens are averaged: FedDAT's personal heads without its adapters;
   fedprox_heads FedProx (mu = 0.01) with personal heads;
+  fedper_adapter FedPer with FedDAT's parameters: a personal adapter A_c beside the shared A_s
+                (mixed 0.5/0.5, both in every forward) and a personal head, one step per batch,
+                no frozen copy, no distillation;
   no_mkd        FedDAT without mutual distillation (each sub-step on its task loss alone);
   no_dat        FedDAT without the dual-adapter teacher: A_c alone (teacher_weights (1, 0)) is
                 the personal model and the teacher of A_s.
@@ -35,7 +38,7 @@ import ml_collections
 
 from configs import _algorithms, feddat_text
 
-BASELINES = ("fedavg", "fedprox", "local", "fedper", "fedprox_heads")
+BASELINES = ("fedavg", "fedprox", "local", "fedper", "fedprox_heads", "fedper_adapter")
 ABLATIONS = ("no_mkd", "no_dat")
 
 
@@ -71,7 +74,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     hparams = dict(client_lr=c.algorithm.hparams.client_lr, client_optimizer="adamw")
     if method.startswith("fedprox"):
       hparams["mu"] = 0.01
-    c.algorithm = _algorithms.algorithm(method.removesuffix("_heads"), **hparams)
+    if method == "fedper_adapter":
+      c.model.adapters.names = ("personal", "shared")
+      hparams["personal"] = "^head/|/adapters/personal/"
+    c.algorithm = _algorithms.algorithm(method.split("_")[0], **hparams)
   if tiny:
     c.rounds, c.eval_every = 2, 2
     c.data.families = ("identity", "parity")

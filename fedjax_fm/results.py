@@ -175,7 +175,8 @@ def _feddat_rows(lr: str) -> tuple[tuple[str, str], ...]:
   return tuple((label, f"results/feddat/lr{lr}/{method}_s*") for label, method in (
       ("FedDAT", "feddat"), ("FedDAT w/o mutual distillation", "no_mkd"),
       ("FedDAT w/o dual-adapter teacher", "no_dat"), ("FedAvg + personal heads (FedPer)", "fedper"),
-      ("FedProx + personal heads", "fedprox_heads")))
+      ("FedProx + personal heads", "fedprox_heads"),
+      ("FedPer + personal adapter (FedDAT's parameters, one plain step)", "fedper_adapter")))
 
 
 _FFGG = (("FFGG (Local FFGG)", "results/ffgg/ffgg_s*"), ("FedAvg", "results/ffgg/fedavg_s*"),
