@@ -14,8 +14,8 @@ import optax
 
 from fedjax_fm.algorithms.fedpft import decoder_proxy, fedpft
 from fedjax_fm.algorithms.fedpft_alignment import default_align_optimizer
-from fedjax_fm.builders import (Built, Federation, ModelBundle, chain_config, make_sampler,
-                                read_hparams)
+from fedjax_fm.builders import (Built, Federation, ModelBundle, chain_config,
+                                model_evaluation, read_hparams)
 from fedjax_fm.data import shakespeare, text
 from fedjax_fm.evaluate import make_evaluator
 from fedjax_fm.models.sub_fm import model_forward
@@ -102,7 +102,8 @@ def _build_decoder(config, model: ModelBundle, data: Federation, execution, hp) 
   """FedPFT on a decoder LM (`decoder_proxy`): the sub-FM of the ``fedot`` variant or the full
   FM (``full``); the aligned variant is refused, as `decoder_proxy` does not support the
   alignments yet. Evaluation as `fedjax_fm.builders.loss_builder`'s: the full FM with the
-  aggregated LoRA, the model's derived metrics (perplexity) and its generation samples."""
+  aggregated LoRA, the model's derived metrics (perplexity) and its generation samples
+  (`model_evaluation`)."""
   if hp["variant"] == "fedpft":
     raise ValueError("fedpft's layer- and neuron-level alignment is not supported on a decoder "
                      "yet; set config.algorithm.hparams.variant='fedot' (the sub-FM) or 'full'")
@@ -111,12 +112,4 @@ def _build_decoder(config, model: ModelBundle, data: Federation, execution, hp) 
                keep_neurons=None if full else hp["keep_neurons"],
                client_optimizer=optax.adam(hp["client_lr"]), weighted=hp["weighted"],
                aggregation=chain_config(config, data.train.num_clients), execution=execution)
-  evaluate = make_evaluator(model.loss(False), data.test)
-  if model.derived_metrics is not None:
-    evaluate = lambda params, clients, ev=evaluate: model.derived_metrics(ev(params, clients))
-  samples = None
-  if model.generate is not None and data.prompts is not None:
-    # FedPFT keeps nothing on the client: every client's model is the server's.
-    samples = make_sampler(model.generate, data.prompts, data.test.num_clients,
-                           lambda clients: {})
-  return Built(alg, evaluate, samples)
+  return Built(alg, *model_evaluation(model, data, alg.personal_rows))

@@ -39,10 +39,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   name = name or "fedavg"
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.rounds = 30
+  c.rounds = 20
   c.data = ml_collections.ConfigDict(dict(
       name="shakespeare_lm", empty_clients="error", num_clients=24, seq_len=128,
-      test_fraction=0.2, max_train_windows=256, max_test_windows=16,
+      test_fraction=0.2, max_train_windows=256, max_test_windows=8,
       # generation samples at every evaluation: the first sample_clients clients (the largest
       # roles), prompt_chars characters of a held-out speech, sample_tokens new characters
       sample_clients=3, prompt_chars=40, sample_tokens=80))
@@ -80,7 +80,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   else:
     c.algorithm = _algorithms.algorithm(name, common=common)
   c.cohort_size = 8
-  c.batch_size = 8
+  c.batch_size = 4
   c.local_steps = 4
   c.local_epochs = config_dict.placeholder(int)
   c.eval_every = 5

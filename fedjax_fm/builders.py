@@ -359,6 +359,28 @@ def chain_config(config, num_clients: int) -> ChainConfig:
 
 # ---- the builder of every algorithm that trains one model on its task loss ----
 
+def model_evaluation(model: ModelBundle, data: Federation,
+                     personal_rows: Callable[[PyTree], PyTree] | None = None
+                     ) -> tuple[Evaluate, Samples | None]:
+  """The evaluation of a model trained on its task loss: the loss without dropout on every
+  client's test data (personalized and global, `make_evaluator`) with the model's derived
+  metrics, and its generation samples when the model generates and the data has prompts.
+
+  Args:
+    personal_rows: the algorithm's `Algorithm.personal_rows`, None when its client states are
+      the personal parameter rows.
+  """
+  evaluate = make_evaluator(model.loss(False), data.test)
+  if personal_rows is not None:
+    evaluate = lambda params, clients, ev=evaluate: ev(params, personal_rows(clients))
+  if model.derived_metrics is not None:
+    evaluate = lambda params, clients, ev=evaluate: model.derived_metrics(ev(params, clients))
+  samples = None
+  if model.generate is not None and data.prompts is not None:
+    samples = make_sampler(model.generate, data.prompts, data.test.num_clients, personal_rows)
+  return evaluate, samples
+
+
 def loss_builder(factory: Callable[..., Algorithm], **fixed) -> AlgorithmBuilder:
   """The builder of an algorithm factory ``factory(loss_fn, roles, [params,] *, hparams...,
   execution)`` (FedAvg, FedProx, FedOpt, FedPer, Local, FFGG): the model's task loss, its
@@ -379,16 +401,7 @@ def loss_builder(factory: Callable[..., Algorithm], **fixed) -> AlgorithmBuilder
     if takes_aggregation:
       wired["aggregation"] = chain_config(config, data.train.num_clients)
     alg = factory(model.loss(True), model.roles, execution=execution, **wired, **fixed, **hp)
-    evaluate = make_evaluator(model.loss(False), data.test)
-    if alg.personal_rows is not None:
-      evaluate = lambda params, clients, ev=evaluate: ev(params, alg.personal_rows(clients))
-    if model.derived_metrics is not None:
-      evaluate = lambda params, clients, ev=evaluate: model.derived_metrics(ev(params, clients))
-    samples = None
-    if model.generate is not None and data.prompts is not None:
-      samples = make_sampler(model.generate, data.prompts, data.test.num_clients,
-                             alg.personal_rows)
-    return Built(alg, evaluate, samples)
+    return Built(alg, *model_evaluation(model, data, alg.personal_rows))
 
   build.hparams = names
   return build

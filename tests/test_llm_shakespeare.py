@@ -2,8 +2,8 @@
 pretraining, and the tiny config's launch with perplexity and generation samples; FedPFT's
 sub-FM on it through the launcher.
 
-One tiny pretraining (4 steps, cached for the module in a temporary asset cache) and one tiny
-run of 2 rounds."""
+One tiny pretraining (4 steps, in the asset cache, shared with the README's LLM command) and
+one tiny run of 2 rounds."""
 
 import json
 import math
@@ -38,28 +38,10 @@ def test_roles_are_the_largest_their_held_out_speeches_come_last_pretraining_pla
   assert len(train) > 10 * len(valid) > 0
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-  """A fresh asset cache (the plays linked in) so the tiny pretraining really runs once."""
-  old = os.environ.get("FEDJAX_FM_CACHE")
-  src = os.path.expanduser(old or "~/.cache/fedjax_fm")
-  new = tmp_path_factory.mktemp("cache")
-  for entry in os.listdir(src):
-    if entry != "pretrained":
-      os.symlink(os.path.join(src, entry), new / entry)
-  os.environ["FEDJAX_FM_CACHE"] = str(new)
-  yield new
-  if old is None:
-    del os.environ["FEDJAX_FM_CACHE"]
-  else:
-    os.environ["FEDJAX_FM_CACHE"] = old
-
-
-def test_tiny_run_pretrains_once_reports_perplexity_and_writes_samples(cache, tmp_path):
+def test_tiny_run_pretrains_once_reports_perplexity_and_writes_samples(tmp_path):
   config = tiny.config("llm_shakespeare")
   history, summary = tiny.run_two_rounds(config, tmp_path)
   folder = pretrain.cache_path(config.model.pretrain)
-  assert folder.startswith(str(cache))
   log = json.load(open(os.path.join(folder, "pretrain.json")))
   assert len(log["train_loss"]) == 2 and math.isfinite(log["validation_loss"])
   # The second build finds the checkpoint: same folder, not retrained.
@@ -81,7 +63,7 @@ def test_tiny_run_pretrains_once_reports_perplexity_and_writes_samples(cache, tm
   assert any(f.startswith("events") for f in os.listdir(tmp_path / "tensorboard"))
 
 
-def test_fedpft_builds_its_sub_fm_on_the_decoder_and_alignment_is_refused(cache, tmp_path):
+def test_fedpft_builds_its_sub_fm_on_the_decoder_and_alignment_is_refused(tmp_path):
   """The launcher's FedPFT builder on the decoder (its rounds: tests/test_fedpft_decoder.py)."""
   config = tiny.config("llm_shakespeare", "tiny,fedpft")
   data = experiment.build_data(config)
