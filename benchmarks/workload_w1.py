@@ -115,7 +115,7 @@ def torch_cnn(torch_mod, params_by_path: dict[str, np.ndarray], rates=DROPOUT):
         v = v.transpose(3, 2, 0, 1)  # HWIO -> OIHW
       elif name.endswith("kernel"):
         v = v.T
-      p.copy_(torch.from_numpy(np.ascontiguousarray(v)))
+      p.copy_(torch.from_numpy(np.array(v, np.float32)))
   return model
 
 
