@@ -41,7 +41,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.seed = 0
   c.rounds = 20
   c.data = ml_collections.ConfigDict(dict(
-      name="shakespeare_lm", empty_clients="error", num_clients=24, seq_len=128,
+      # tokenizer: "chars" (the pretrained model's), or "model" with config.model.path set to a
+      # downloaded Llama / Qwen folder (and model.pretrain None): its own tokenizer
+      name="shakespeare_lm", empty_clients="error", tokenizer="chars", num_clients=24,
+      seq_len=128,
       test_fraction=0.2, max_train_windows=256, max_test_windows=8,
       # generation samples at every evaluation: the first sample_clients clients (the largest
       # roles), prompt_chars characters of a held-out speech, sample_tokens new characters

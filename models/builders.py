@@ -15,6 +15,7 @@ from flax import nnx
 
 from fedjax_fm import assets, pretrain, roles
 from fedjax_fm.builders import Federation, ModelBundle
+from fedjax_fm.cohort import FederatedData
 from fedjax_fm.models.cnn import MLP, SimpleCNN
 from fedjax_fm.models.decoder import DecoderConfig, DecoderLM
 from fedjax_fm.models.decoder_lora import decoder_component, decoder_lora_config, decoder_roles
@@ -163,7 +164,6 @@ def decoder_model(config, data: Federation) -> ModelBundle:
   ``model.remat`` (a key of `decoder.REMAT_POLICIES`); ``model.loss_chunk`` (positions per
   vocabulary cross-entropy chunk). The batch keys are ``input_ids`` and ``attention_mask``.
   """
-  del data  # the vocabulary comes from the model; the tokens must fit it
   k = _decoder_knobs(config)
   lora = decoder_lora_config(dict(k["lora"].to_dict() if hasattr(k["lora"], "to_dict")
                                   else k["lora"]))
@@ -180,6 +180,7 @@ def decoder_model(config, data: Federation) -> ModelBundle:
       raise ValueError(f"config.model.shape sets {clash}; set them as config.model.{clash[0]}")
     model = random_decoder(DecoderConfig(**shape, dtype=dtype, param_dtype=param_dtype,
                                          remat=k["remat"]), lora, config.seed)
+  _check_vocabulary(data, model.config.vocab_size)
   graphdef, params = functional(model)
   role_tree = decoder_roles(params, trainable=tuple(k["trainable"]),
                             personal=tuple(k["personal"]))
@@ -193,6 +194,18 @@ def decoder_model(config, data: Federation) -> ModelBundle:
                      loss=lambda train: lm_loss_fn(graphdef, chunk_size=chunk),
                      derived_metrics=with_perplexity, generate=generate_tokens,
                      extras={"decoder_config": model.config})
+
+
+def _check_vocabulary(data: Federation, vocab_size: int) -> None:
+  """Every token id of the data must be a row of the model's embedding (XLA would clamp an
+  out-of-range id silently)."""
+  parts = [p for p in (data.train, data.test) if isinstance(p, FederatedData)]
+  top = max((int(p.arrays["input_ids"].max(initial=0)) for p in parts
+             if "input_ids" in p.arrays), default=0)
+  if top >= vocab_size:
+    raise ValueError(f"the data has token id {top}, beyond the model's vocabulary of "
+                     f"{vocab_size}; tokenize with the model's tokenizer (config.data.tokenizer="
+                     "'model') or pick the model the data was tokenized for")
 
 
 def with_perplexity(metrics: dict) -> dict:

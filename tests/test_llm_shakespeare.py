@@ -12,7 +12,7 @@ import os
 import numpy as np
 import pytest
 
-from fedjax_fm import experiment, pretrain, sharding
+from fedjax_fm import assets, experiment, pretrain, sharding
 from fedjax_fm import roles as roles_lib
 from fedjax_fm.data import shakespeare_lm
 from tests import tiny
@@ -32,6 +32,15 @@ def test_roles_are_the_largest_their_held_out_speeches_come_last_pretraining_pla
     ids, mask = shakespeare_lm.windows(fed.test_texts[c], 64)
     np.testing.assert_array_equal(fed.test.client(c)["input_ids"], ids[:2])
     assert fed.train.client(c)["input_ids"].shape == (8, 64)
+  # A downloaded model's own tokenizer (here MiniLM's WordPiece): the same split, its ids.
+  wordpiece = shakespeare_lm.lm_tokenizer("model", assets.path("all-minilm-l6-v2"))
+  fed_wp = shakespeare_lm.role_federation(num_clients=1, seq_len=16, max_test_windows=1,
+                                          tokenizer=wordpiece)
+  assert fed_wp.test_texts[0] == fed.test_texts[0]
+  first = fed_wp.test.client(0)["input_ids"][0]
+  assert first.max() >= shakespeare_lm.VOCAB_SIZE
+  squeeze = lambda t: "".join(t.lower().split())  # WordPiece lowercases, drops newlines
+  assert squeeze(fed.test_texts[0]).startswith(squeeze(wordpiece.decode(first)))
   ids, mask = shakespeare_lm.windows("abc", 2)  # the last window right-padded
   np.testing.assert_array_equal(mask, [[1, 1]])  # "c" alone has no target: dropped
   train, valid = shakespeare_lm.pretrain_text()
@@ -74,6 +83,10 @@ def test_fedpft_builds_its_sub_fm_on_the_decoder_and_alignment_is_refused(tmp_pa
   down, up = built.algorithm.bytes_per_client(model.params)
   assert down == up < shared          # clients get the sub-FM's narrower MLP LoRA
   assert built.samples is not None
+  config.data.tokenizer = assets.path("all-minilm-l6-v2")   # ids beyond the model's 84
+  with pytest.raises(ValueError, match="beyond the model's vocabulary"):
+    experiment.run(config, str(tmp_path / "vocab"), progress=False)
+  config.data.tokenizer = "chars"
   config.algorithm.hparams.variant = "fedpft"
   with pytest.raises(ValueError, match="variant='fedot'"):
     experiment.run(config, str(tmp_path / "aligned"), progress=False)

@@ -10,8 +10,10 @@ Two disjoint parts of the plays (`fedjax_fm.data.shakespeare`):
   and its text is its speeches in order, one per line (a speech's lines joined by spaces).
   The `num_clients` roles with the most text take part.
 
-Tokens are characters over `text.CHAR_VOCAB` (ids 2..; 0 is padding), so no tokenizer file is
-needed and a model's vocabulary is `text.CHAR_VOCAB_SIZE`. Each client's speeches are split in
+Tokens are characters over `text.CHAR_VOCAB` (ids 2..; 0 is padding) for the pretrained
+Shakespeare decoder, so no tokenizer file is needed and its vocabulary is
+`text.CHAR_VOCAB_SIZE`; a downloaded Llama or Qwen folder brings its own tokenizer
+(``data.tokenizer="model"``, `lm_tokenizer`). Each client's speeches are split in
 time order, as LEAF splits Shakespeare: the first ``1 - test_fraction`` of them train, the rest
 are its held-out speeches. Each side is cut into consecutive windows of `seq_len` characters
 (the last one right-padded, ``attention_mask`` 0 on the padding), at most
@@ -27,6 +29,8 @@ speaker's style.
 from __future__ import annotations
 
 import dataclasses
+import os
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -87,11 +91,53 @@ def role_texts(folder: str | None = None) -> tuple[list[tuple[str, str]], list[l
   return list(roles), list(roles.values())
 
 
-def windows(text: str, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-  """Consecutive `seq_len`-character windows of `text` as (input_ids, attention_mask), each
-  [n, seq_len] int32; the last window right-padded. A window shorter than 2 characters (no
-  next-character target) is dropped."""
-  ids = text_lib.char_ids(text)
+@dataclasses.dataclass(frozen=True)
+class LMTokenizer:
+  """Text <-> token ids for language modelling: no special tokens, no padding, no truncation."""
+  encode: Callable[[str], np.ndarray]
+  decode: Callable[[Sequence[int]], str]
+  vocab_size: int
+
+
+CHARS = LMTokenizer(text_lib.char_ids, text_lib.decode_char_ids, VOCAB_SIZE)
+
+
+def lm_tokenizer(spec: str, model_path: str | None = None) -> LMTokenizer:
+  """``config.data.tokenizer``: ``"chars"`` (`CHARS`: the pretrained Shakespeare decoder's),
+  ``"model"`` (the tokenizer of the ``config.model.path`` folder: a downloaded Llama or Qwen) or a
+  tokenizer folder. A folder's ``tokenizer.json`` is read with the `tokenizers` library, else
+  transformers' ``AutoTokenizer`` loads it.
+
+  Raises:
+    ValueError: ``"model"`` without a model folder; FileNotFoundError: no such folder.
+  """
+  if spec == "chars":
+    return CHARS
+  folder = model_path if spec == "model" else spec
+  if folder is None:
+    raise ValueError("config.data.tokenizer='model' needs config.model.path (a Hugging Face "
+                     "folder with its tokenizer); use 'chars' for the pretrained Shakespeare model")
+  if not os.path.isdir(folder):
+    raise FileNotFoundError(f"tokenizer folder {folder!r} does not exist")
+  fast = os.path.join(folder, "tokenizer.json")
+  if os.path.isfile(fast):
+    from tokenizers import Tokenizer  # pylint: disable=import-outside-toplevel
+    tok = Tokenizer.from_file(fast)
+    return LMTokenizer(
+        lambda t: np.asarray(tok.encode(t, add_special_tokens=False).ids, np.int32),
+        lambda ids: tok.decode([int(i) for i in ids]), int(tok.get_vocab_size()))
+  from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
+  tok = AutoTokenizer.from_pretrained(folder)
+  return LMTokenizer(lambda t: np.asarray(tok.encode(t, add_special_tokens=False), np.int32),
+                     lambda ids: tok.decode([int(i) for i in ids]), len(tok))
+
+
+def windows(text: str, seq_len: int, tokenizer: LMTokenizer = CHARS
+            ) -> tuple[np.ndarray, np.ndarray]:
+  """Consecutive `seq_len`-token windows of `text` as (input_ids, attention_mask), each
+  [n, seq_len] int32; the last window right-padded. A window shorter than 2 tokens (no
+  next-token target) is dropped."""
+  ids = tokenizer.encode(text)
   n = -(-len(ids) // seq_len)
   padded = np.zeros(n * seq_len, np.int32)
   padded[:len(ids)] = ids
@@ -113,7 +159,8 @@ class RoleFederation:
 
 def role_federation(*, num_clients: int, seq_len: int, test_fraction: float = 0.2,
                     max_train_windows: int | None = None, max_test_windows: int | None = None,
-                    seed: int = 0, folder: str | None = None) -> RoleFederation:
+                    seed: int = 0, folder: str | None = None,
+                    tokenizer: LMTokenizer = CHARS) -> RoleFederation:
   """The `num_clients` roles with the most text, as `input_ids` / `attention_mask` windows.
 
   Raises:
@@ -136,9 +183,9 @@ def role_federation(*, num_clients: int, seq_len: int, test_fraction: float = 0.
   for i in chosen:
     s = speeches[i]
     cut = len(s) - max(1, int(round(test_fraction * len(s))))
-    train_ids, train_mask = windows("\n".join(s[:cut]) + "\n", seq_len)
+    train_ids, train_mask = windows("\n".join(s[:cut]) + "\n", seq_len, tokenizer)
     test_text = "\n".join(s[cut:]) + "\n"
-    test_ids, test_mask = windows(test_text, seq_len)
+    test_ids, test_mask = windows(test_text, seq_len, tokenizer)
     if max_train_windows is not None and len(train_ids) > max_train_windows:
       keep = np.sort(rng.choice(len(train_ids), max_train_windows, replace=False))
       train_ids, train_mask = train_ids[keep], train_mask[keep]
@@ -152,7 +199,8 @@ def role_federation(*, num_clients: int, seq_len: int, test_fraction: float = 0.
 
 
 def sample_prompts(roles: list[tuple[str, str]], test_texts: list[str], clients: int,
-                   prompt_chars: int, max_new_tokens: int) -> SamplePrompts:
+                   prompt_chars: int, max_new_tokens: int,
+                   tokenizer: LMTokenizer = CHARS) -> SamplePrompts:
   """Generation prompts for the first `clients` clients (the largest roles): the first
   `prompt_chars` characters of each one's first held-out speech that long, LEFT-padded to one
   length."""
@@ -164,27 +212,31 @@ def sample_prompts(roles: list[tuple[str, str]], test_texts: list[str], clients:
     return (long[0] if long else max(speeches, key=len))[:prompt_chars]
 
   prompts = [opening(test_texts[c]) for c in picks]
-  width = max(len(p) for p in prompts)
+  encoded = [tokenizer.encode(p) for p in prompts]
+  width = max(len(e) for e in encoded)
   ids = np.zeros((len(picks), width), np.int32)
   mask = np.zeros((len(picks), width), np.int32)
-  for row, prompt in enumerate(prompts):
-    ids[row, width - len(prompt):] = text_lib.char_ids(prompt)
-    mask[row, width - len(prompt):] = 1
+  for row, e in enumerate(encoded):
+    ids[row, width - len(e):] = e
+    mask[row, width - len(e):] = 1
   return SamplePrompts(clients=np.asarray(picks, np.int32),
                        names=[f"{speaker} ({play})" for play, speaker in
                               (roles[c] for c in picks)],
                        prompts=prompts, input_ids=ids, attention_mask=mask,
-                       max_new_tokens=max_new_tokens, decode=text_lib.decode_char_ids)
+                       max_new_tokens=max_new_tokens, decode=tokenizer.decode)
 
 
 def shakespeare_lm_data(config) -> Federation:
-  """``data.name`` ``"shakespeare_lm"``: `role_federation` from ``config.data`` (num_clients,
-  seq_len, test_fraction, max_train_windows, max_test_windows, sample_clients, prompt_chars,
+  """``data.name`` ``"shakespeare_lm"``: `role_federation` from ``config.data`` (tokenizer,
+  num_clients, seq_len, test_fraction, max_train_windows, max_test_windows, sample_clients,
+  prompt_chars,
   sample_tokens; ``sample_clients`` 0 for no generation samples) and ``config.seed``."""
   d = config.data
+  tokenizer = lm_tokenizer(d.tokenizer, config.model.get("path"))
   fed = role_federation(num_clients=d.num_clients, seq_len=d.seq_len,
                         test_fraction=d.test_fraction, max_train_windows=d.max_train_windows,
-                        max_test_windows=d.max_test_windows, seed=config.seed)
+                        max_test_windows=d.max_test_windows, seed=config.seed,
+                        tokenizer=tokenizer)
   prompts = (sample_prompts(fed.roles, fed.test_texts, d.sample_clients, d.prompt_chars,
-                            d.sample_tokens) if d.sample_clients else None)
+                            d.sample_tokens, tokenizer) if d.sample_clients else None)
   return Federation(fed.train, fed.test, prompts=prompts)
