@@ -129,6 +129,10 @@ def plot(path):
     mean, std = values.mean(0), values.std(0)
     ax.plot(rounds, mean, marker="o", label=label)
     ax.fill_between(rounds, mean - std, mean + std, alpha=0.2)
+  zs = os.path.join(RESULTS, "pretrained.json")
+  if os.path.isfile(zs):
+    ax.axhline(json.load(open(zs))["perplexity"], color="gray", linestyle="--",
+               label="pretrained, no fine-tuning")
   ax.set_xlabel("round")
   ax.set_ylabel("held-out perplexity per character (personalized)")
   ax.set_title("Shakespeare roles as clients: LoRA on a pretrained 0.3M Llama")
