@@ -28,26 +28,30 @@ from fedjax_fm import runner as runner_lib
 from fedjax_fm.protocol import ClientExecution, default_execution
 from fedjax_fm.algorithms import fedavg
 
-_ENGINE_NAME = re.compile(r"^fedjax_fm\[(vmap|unrolled|chunked(\d+)|sequential(\d+))(,scan)?\]$")
+_ENGINE_NAME = re.compile(
+    r"^fedjax_fm\[(vmap|unrolled|chunked(\d+)|sequential(\d+))(,scan|,unroll(\d+))?\]$")
 
 
 def parse_engine_runner(name: str) -> tuple[str, int, int | bool] | None:
-  """``fedjax_fm[sequential5,scan]`` -> ("sequential", 5, 1); None if `name` is no engine row."""
+  """``fedjax_fm[sequential5,scan]`` -> ("sequential", 5, 1), ``fedjax_fm[sequential1,unroll5]``
+  -> ("sequential", 1, 5); None if `name` is no engine row."""
   m = _ENGINE_NAME.match(name)
   if not m:
     return None
   strategy = re.sub(r"\d+$", "", m.group(1))
   chunk = int(m.group(2) or m.group(3) or 8)
+  if m.group(5):
+    return strategy, chunk, int(m.group(5))
   return strategy, chunk, 1 if m.group(4) else True
 
 
 def execution_name(ex: ClientExecution) -> str:
   """The runner name of a `ClientExecution` (the inverse of `parse_engine_runner`)."""
   unroll = ex.scan_unroll
-  if not (unroll is True or (unroll == 1 and not isinstance(unroll, bool))):
-    return f"fedjax_fm[{ex.strategy},chunk={ex.chunk_size},unroll={unroll}]"
   chunk = str(ex.chunk_size) if ex.strategy in ("chunked", "sequential") else ""
-  return f"fedjax_fm[{ex.strategy}{chunk}{'' if unroll is True else ',scan'}]"
+  if unroll is True:
+    return f"fedjax_fm[{ex.strategy}{chunk}]"
+  return f"fedjax_fm[{ex.strategy}{chunk}{',scan' if unroll == 1 else f',unroll{unroll}'}]"
 
 
 def default_runner_name() -> str:
