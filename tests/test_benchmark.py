@@ -50,11 +50,13 @@ def test_w2_quick(tmp_path):
 
 
 def test_w3_quick(tmp_path):
-  """W3 on the tiny decoder: the engine round and transformers' Llama + peft LoRA loop train
-  the same LoRA factors (no dropout), so they agree after round 1."""
-  pytest.importorskip("peft")
-  records = run_quick(tmp_path, "w3", "--runners", "fedjax_fm[default],torch_loop",
-                      "--rounds", "1", "--torch_threads", "1")
+  """W3 on the tiny decoder: the engine round and the per-client jitted loop train the same
+  LoRA factors (no dropout), so they agree after round 1. (The transformers + peft loop's
+  agreement is checked by every W3 run of the benchmark, 2e-8 at 100M in BENCHMARKS.md; it is
+  left out here for CI time: building a torch Llama and importing peft cost more than the
+  rest of the test.)"""
+  records = run_quick(tmp_path, "w3", "--runners", "fedjax_fm[default],jax_client_loop",
+                      "--rounds", "1")
   assert [r["runner"].startswith("fedjax_fm[") for r in records] == [True, False], records
   for r in records:
     assert r["tokens_per_s"] > 0 and r["rel_diff_vs_first"] < 1e-4, r
