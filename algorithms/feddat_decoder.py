@@ -80,15 +80,14 @@ def dual_lora_params(params: PyTree, roles: PyTree, seed: int) -> tuple[dict, di
     ValueError: a model without LoRA, or with trained backbone leaves.
   """
   backbone, lora = split_lora(params)
-  _, lora_roles = split_lora(roles)
+  backbone_roles, _ = split_lora(roles)
   if not lora:
     raise ValueError("FedDAT on a decoder needs config.model.lora (its three adapters are LoRA)")
   trained = [roles_lib.leaf_path(p) for p, r in
-             jax.tree_util.tree_leaves_with_path(split_lora(roles)[0]) if r != roles_lib.FROZEN]
+             jax.tree_util.tree_leaves_with_path(backbone_roles) if r != roles_lib.FROZEN]
   if trained:
     raise ValueError(f"FedDAT on a decoder trains its three LoRA adapters only, but {trained[0]} "
                      "is trainable; set config.model.trainable=('lora',) and personal=()")
-  del lora_roles
   rng = np.random.RandomState(seed + 1)
 
   def fresh(path, x):  # A_c's own draw: A ~ N(0, 1/in), B = 0

@@ -34,6 +34,7 @@ from fedjax_fm.models.decoder_lora import DecoderLoRAConfig, decoder_roles
 from fedjax_fm.models.decoder_loss import lm_loss_fn
 from fedjax_fm.models.decoder_pretrained import PARAMETER_MAP
 
+from llm_plan import HF_CONFIGS
 from measure import torch_sync
 from workload import Workload
 
@@ -45,17 +46,9 @@ TORCH_MODULE = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_att
                 "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj",
                 "down": "mlp.down_proj"}
 # transformers config.json values (llama model_type), read by `DecoderConfig.from_hf` for JAX
-# and by `LlamaConfig` for torch.
-SHAPES = {
-    "llama-100m": dict(
-        model_type="llama", vocab_size=32000, hidden_size=768, intermediate_size=2048,
-        num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4, head_dim=64,
-        rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=True, hidden_act="silu"),
-    "tiny": dict(
-        model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=128,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-        rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=True, hidden_act="silu"),
-}
+# and by `LlamaConfig` for torch: the planner's shapes (`llm_plan.HF_CONFIGS`), tied embeddings.
+SHAPES = {"llama-100m": HF_CONFIGS["llama-100m"],
+          "tiny": dict(HF_CONFIGS["tiny"], tie_word_embeddings=True)}
 DEFAULTS = {"clients": 16, "steps": 4, "batch": 4, "seq_len": 128, "shape": "llama-100m"}
 QUICK_DEFAULTS = {"clients": 2, "steps": 1, "batch": 2, "seq_len": 16, "shape": "tiny"}
 DEFAULT_RUNNERS = ("fedjax_fm[default]", "jax_client_loop", "torch_loop")
