@@ -457,17 +457,19 @@ class DecoderLM(nnx.Module):
       positions = positions_from_mask(attention_mask)
     return self.decode(input_ids, positions, attention_mask)[0]
 
-  def head_matrix(self) -> jax.Array:
-    """The output projection [hidden, vocab]: lm_head's kernel, or the embedding transposed."""
+  def head(self) -> tuple[jax.Array, str]:
+    """The output projection as stored, with its einsum axes: (lm_head's kernel, "dv") or,
+    tied, (the embedding [vocab, hidden], "vd"). A matmul against it in this form needs no
+    transposed copy of a vocabulary-sized matrix, which XLA:CPU otherwise writes every step."""
     if self.lm_head is None:
-      return self.embed.embedding[...].T
-    return self.lm_head.kernel[...]
+      return self.embed.embedding[...], "vd"
+    return self.lm_head.kernel[...], "dv"
 
   def logits(self, hidden: jax.Array) -> jax.Array:
     """hidden [..., D] -> float32 logits [..., vocab] (matmul in the compute dtype)."""
-    w = self.head_matrix().astype(self.config.dtype)
-    return jnp.einsum("...d,dv->...v", hidden.astype(self.config.dtype), w,
-                      preferred_element_type=jnp.float32)
+    w, axes = self.head()
+    return jnp.einsum(f"...d,{axes}->...v", hidden.astype(self.config.dtype),
+                      w.astype(self.config.dtype), preferred_element_type=jnp.float32)
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
                positions: jax.Array | None = None) -> jax.Array:

@@ -24,12 +24,13 @@ IGNORE_INDEX = -100  # transformers' label for "no loss here"
 
 def chunked_cross_entropy(hidden: jax.Array, head: jax.Array, targets: jax.Array,
                           weights: jax.Array, chunk_size: int, *,
-                          dtype=None) -> tuple[jax.Array, jax.Array]:
+                          dtype=None, head_axes: str = "dv") -> tuple[jax.Array, jax.Array]:
   """Per-example mean cross-entropy and accuracy of ``hidden @ head`` against `targets`.
 
   Args:
     hidden: [B, N, D] hidden states.
-    head: [D, V] output projection.
+    head: the output projection, [D, V] (`head_axes` "dv") or [V, D] ("vd", e.g. a tied
+      embedding as stored).
     targets: [B, N] int token ids.
     weights: [B, N] 1 where the prediction counts, 0 elsewhere.
     chunk_size: positions per chunk (N is padded up to a multiple with zero weight).
@@ -54,7 +55,8 @@ def chunked_cross_entropy(hidden: jax.Array, head: jax.Array, targets: jax.Array
   @jax.checkpoint
   def chunk(sums, xs):
     h, t, w = xs
-    logits = jnp.einsum("bcd,dv->bcv", h.astype(dtype), head, preferred_element_type=jnp.float32)
+    logits = jnp.einsum(f"bcd,{head_axes}->bcv", h.astype(dtype), head,
+                        preferred_element_type=jnp.float32)
     nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, t[..., None], -1)[..., 0]
     correct = (jnp.argmax(logits, -1) == t).astype(jnp.float32)
     w = w.astype(jnp.float32)
@@ -95,8 +97,9 @@ def causal_lm_loss(model, input_ids: jax.Array, attention_mask: jax.Array | None
   targets = labels[:, 1:]
   weights = attention_mask[:, 1:] * attention_mask[:, :-1] * (targets != IGNORE_INDEX)
   targets = jnp.where(targets == IGNORE_INDEX, 0, targets)
-  return chunked_cross_entropy(hidden[:, :-1], model.head_matrix(), targets, weights,
-                               chunk_size, dtype=model.config.dtype)
+  head, head_axes = model.head()
+  return chunked_cross_entropy(hidden[:, :-1], head, targets, weights, chunk_size,
+                               dtype=model.config.dtype, head_axes=head_axes)
 
 
 def lm_loss_fn(graphdef, *, chunk_size: int = 256, input_key: str = "input_ids",
