@@ -48,6 +48,22 @@ class Noise:
       self.steal = (s1 - s0) / (t1 - t0)
 
 
+def autogroup_warning() -> str | None:
+  """A warning when `nice` cannot shield this process: with the kernel's autogroup scheduling
+  on, CPU time is shared fairly between sessions whatever their nice values, so a niced
+  benchmark still splits the cores with every other terminal's jobs."""
+  try:
+    with open("/proc/sys/kernel/sched_autogroup_enabled") as f:
+      enabled = f.read().strip() == "1"
+  except OSError:
+    return None
+  if not enabled:
+    return None
+  return ("sched_autogroup_enabled=1: nice does not give this run priority over other "
+          "sessions' processes; as root, `echo 0 > /proc/sys/kernel/sched_autogroup_enabled` "
+          "makes it count")
+
+
 def median_time(fn, reps: int) -> float:
   """Median seconds of `reps` calls of `fn`, after one untimed call."""
   fn()

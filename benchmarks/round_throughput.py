@@ -143,7 +143,7 @@ import pfl_runner
 import workload_w1
 import workload_w2
 import workload_w3
-from measure import Noise, measure_peak, progress
+from measure import Noise, autogroup_warning, measure_peak, progress
 
 WORKLOADS = {"w1": workload_w1, "w2": workload_w2, "w3": workload_w3}
 PFL_HOWTO = ("pfl pins an older absl-py than fedjax_fm: install it in its own venv, "
@@ -281,6 +281,9 @@ def main(args):
   progress(f"backend={backend} devices={jax.device_count()} cpu_cores={os.cpu_count()} "
            f"jax={jax.__version__} torch={getattr(torch, '__version__', None)} "
            f"torch_device={tdev} XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+  warning = autogroup_warning() if os.nice(0) != 0 else None
+  if warning:
+    progress(f"warning: {warning}")
   mesh = sharding.make_mesh()
   default_name = jax_runners.default_runner_name()
   runners = [default_name if r == "fedjax_fm[default]" else r for r in args.runners]

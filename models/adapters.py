@@ -105,6 +105,17 @@ def lora_config(spec: LoRAConfig | Mapping[str, Any] | None) -> LoRAConfig | Non
   raise ValueError(f"lora must be a LoRAConfig or a dict of its fields, got {spec!r}")
 
 
+def over_tokens(fn: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Array:
+  """fn applied to `x` [..., d] flattened to [tokens, d], the result reshaped back.
+
+  A trained projection of a [B, T, d] input has a weight gradient contracting B and T; XLA:CPU
+  lowers that by first writing the output gradient transposed, a strided copy that cost 15% of
+  a W3 decoder step (BENCHMARKS.md). On [tokens, d] the gradient is one plain matmul.
+  """
+  out = fn(x.reshape(-1, x.shape[-1]))
+  return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
 class BottleneckAdapter(nnx.Module):
   """h -> h + up(act(down(h))), with `up` zero-initialised so a fresh adapter is the identity."""
 
@@ -118,7 +129,7 @@ class BottleneckAdapter(nnx.Module):
 
   def delta(self, h: jax.Array) -> jax.Array:
     """The adapter's residual branch, up(act(down(h)))."""
-    return self.up(self.activation(self.down(h)))
+    return over_tokens(lambda t: self.up(self.activation(self.down(t))), h)
 
   def __call__(self, h: jax.Array) -> jax.Array:
     return h + self.delta(h)
@@ -181,12 +192,7 @@ class LoRA(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     dtype = self.dtype or x.dtype
     a, b = self.a[...].astype(dtype), self.b[...].astype(dtype)
-    # [..., in] is flattened to [tokens, in] so that each factor's gradient is one
-    # single-contraction dot: contracting [B, T] of a 3-D einsum made XLA:CPU write the output
-    # gradient transposed first (a strided copy that cost 15% of a W3 decoder step).
-    flat = x.astype(dtype).reshape(-1, x.shape[-1])
-    out = (flat @ a) @ b * jnp.asarray(self.scale, dtype)
-    return out.reshape(*x.shape[:-1], out.shape[-1])
+    return over_tokens(lambda t: (t @ a) @ b * jnp.asarray(self.scale, dtype), x.astype(dtype))
 
 
 def maybe_lora(config: LoRAConfig | None, target: str, in_features: int, out_features: int, *,

@@ -25,6 +25,21 @@ def test_map_clients_strategies_agree(strategy, chunk):
   np.testing.assert_allclose(got["sq"], x ** 2)
 
 
+@pytest.mark.parametrize("strategy,chunk", [("vmap", 1), ("chunked", 2), ("sequential", 1),
+                                            ("sequential", 2), ("sequential", 7)])
+def test_map_sum_clients_sums_the_first_output_and_stacks_the_second(strategy, chunk):
+  # Under "sequential" the sum is a running sum through the loop (5 clients: groups of 2 leave
+  # a remainder of 1; a group of 7 is clipped to the cohort): it must equal the stacked sum.
+  x = jnp.arange(15.0).reshape(5, 3)
+  w = jnp.array([1.0, 0.5, 0.0, 2.0, 1.0])
+  fn = lambda row, wk, s: ({"update": wk * row * s}, {"loss": row @ s})
+  shared = jnp.array([1.0, -1.0, 2.0])
+  total, per_client = jax.jit(clients.map_sum_clients(fn, strategy, chunk, in_axes=(0, 0, None)))(
+      x, w, shared)
+  np.testing.assert_allclose(total["update"], (w[:, None] * x * shared).sum(0), rtol=1e-6)
+  np.testing.assert_allclose(per_client["loss"], x @ shared)
+
+
 def test_unknown_strategy_is_rejected():
   with pytest.raises(ValueError, match="unknown client execution strategy"):
     clients.map_clients(lambda x: x, "pmap")
