@@ -48,8 +48,11 @@ Deviations from the reference code, on purpose (docs/algorithms.md 1.6):
   every round, with the reference's linear warm-up of the learning rate over rounds
   (``lr(r) = min_lr + (peak_lr - min_lr) * min(r / warmup_rounds, 1)``); one step per batch (no
   gradient accumulation: a larger batch is the same thing).
-- Losses are the example mean of the group's one task; the reference's multi-task clients weight
-  tasks by their share of the batch. `replace_if_better` takes any number of tasks.
+- Multi-task clients (`TAPGroup.task_names`): a group's examples carry their task's index
+  (`TASK_KEY`), the training loss is the example mean over the batch (tasks weighted by their
+  share of it, as in the reference), and replacement compares per-task losses and swaps each
+  task's paths separately (``<group>/<task>/replaced``). All tasks of such a group share one
+  head kind and output shape (the output is selected per example).
 """
 
 from __future__ import annotations
@@ -78,6 +81,8 @@ OutputFn = Callable[[PyTree, Mapping[str, jax.Array], Any], jax.Array]
 VALIDATION_KEY = "tap_validation"
 # Batch key that carries the stage-2 teacher's outputs into the student's loss.
 TEACHER_KEY = "_tap_teacher"
+# Per-example int32 index of the example's task within a multi-task group (`TAPGroup.task_names`).
+TASK_KEY = "tap_task"
 REPLACEMENT_MODES = ("validation", "train", "none")
 TASK_KINDS = model_lib.HEAD_KINDS   # a group's task kind is the kind of its head
 
@@ -265,23 +270,70 @@ class TAPGroup:
 
   Attributes:
     name: the group's name (metric prefix).
-    output_fn: (params, batch, rng) -> the group's head output (rng None: evaluation).
-    kind: its task's kind, one of `TASK_KINDS`.
-    view: a tree of Python bools over all parameters: the group's sub-model.
-    delta: the replacement margin delta_t of its task.
-    distill_weight: stage 2's lambda_t of its task.
+    output_fn: (params, batch, rng) -> the group's head output (rng None: evaluation); for a
+      multi-task group, each example's output of its own task (`TASK_KEY`).
+    kind: its task's kind, one of `TASK_KINDS` (shared by all tasks of a multi-task group).
+    view: a tree of Python bools over all parameters: the group's sub-model (for a multi-task
+      group, the union of its tasks' paths).
+    delta: the replacement margin delta_t of its task (a multi-task group: a float for all
+      tasks or one per task).
+    distill_weight: stage 2's lambda_t of its task (likewise).
+    task_names: empty for a one-task group; else the names of its tasks, in `TASK_KEY` order.
+    task_views: one bool tree like `view` per task of `task_names`: the leaves on that task's
+      paths (what replacement swaps when that task's global-path loss wins).
   """
   name: str
   output_fn: OutputFn
   kind: str
   view: PyTree
-  delta: float = 0.01
-  distill_weight: float = 2e-3
+  delta: float | tuple[float, ...] = 0.01
+  distill_weight: float | tuple[float, ...] = 2e-3
+  task_names: tuple[str, ...] = ()
+  task_views: tuple[PyTree, ...] = ()
 
   def __post_init__(self):
     if self.kind not in TASK_KINDS:
       raise ValueError(f"group {self.name!r}: unknown task kind {self.kind!r}; use one of "
                        f"{TASK_KINDS}")
+    if len(self.task_names) != len(self.task_views) or len(self.task_names) == 1:
+      raise ValueError(f"group {self.name!r}: give two or more task_names with one task_view "
+                       f"each, or neither; got {len(self.task_names)} and {len(self.task_views)}")
+    for what in ("delta", "distill_weight"):
+      value = getattr(self, what)
+      if isinstance(value, tuple) and len(value) != self.num_tasks:
+        raise ValueError(f"group {self.name!r}: {what} has {len(value)} entries for "
+                         f"{self.num_tasks} tasks")
+
+  @property
+  def num_tasks(self) -> int:
+    return max(len(self.task_names), 1)
+
+  def per_task(self, what: str) -> np.ndarray:
+    """[num_tasks] float32 of `delta` or `distill_weight`."""
+    value = getattr(self, what)
+    values = value if isinstance(value, tuple) else (value,) * self.num_tasks
+    return np.asarray(values, np.float32)
+
+
+def split_task_metrics(metrics: Mapping[str, Any], tasks: Sequence[str]) -> dict[str, Any]:
+  """Example means of a multi-task group's per-task sums (``<m>@<t>`` = mean of m * [task t],
+  ``count@<t>`` = share of task t) -> ``<t>/<m>`` (the mean of m over task t's examples; 0
+  without any, as a client without test examples reads 0: a NaN would read as a diverged
+  round); other entries unchanged. Works on any prefix before ``<m>@<t>``."""
+  out = {}
+  for name, value in metrics.items():
+    head, sep, task = name.rpartition("@")
+    if not sep or task not in tasks:
+      out[name] = value
+      continue
+    prefix, _, metric = head.rpartition("/")
+    if metric == "count":
+      continue
+    prefix = prefix + "/" if prefix else ""
+    share = metrics[f"{prefix}count@{task}"]
+    out[f"{prefix}{task}/{metric}"] = jnp.where(share > 0, value / jnp.where(share > 0, share, 1),
+                                                0.0)
+  return out
 
 
 @struct.dataclass
@@ -290,8 +342,9 @@ class TAPClients:
 
   Attributes:
     params: the personal models: the group's trainable leaves (None elsewhere), [N_g, ...].
-    loss: [N_g] the personal model's training loss at its last participation (+inf before the
-      first); read by ``replacement="train"``.
+    loss: [N_g, T] the personal model's training loss per task at its last participation
+      (+inf before the first, or for a task it saw no example of); read by
+      ``replacement="train"``.
   """
   params: PyTree
   loss: jax.Array
@@ -312,21 +365,55 @@ class GroupParts:
   def rest_mask(self, g: int) -> PyTree:
     return jax.tree_util.tree_map(lambda v: not v, self.trainable_view(g))
 
-  def loss_fn(self, g: int, distill_temperature: float | None = None):
+  def task_paths(self, g: int) -> tuple[PyTree, ...]:
+    """Per task of group g, its trainable leaves on that task's paths (one task: the view)."""
+    group, view = self.groups[g], self.trainable_view(g)
+    if not group.task_names:
+      return (view,)
+    return tuple(jax.tree_util.tree_map(lambda v, t: v and bool(t), view, task_view)
+                 for task_view in group.task_views)
+
+  def loss_fn(self, g: int, distill_temperature: float | None = None,
+              distill_weight: float | None = None):
+    """Per-example loss and metrics of group g; with `distill_temperature`, plus lambda_t * KD
+    against ``batch[TEACHER_KEY]`` (lambda_t from the group, or `distill_weight` for all
+    tasks). A multi-task group adds ``loss@<t>``, ``count@<t>`` and ``<m>@<t>`` (the value
+    times [example of task t]) for `split_task_metrics`."""
     group = self.groups[g]
+    weights = (group.per_task("distill_weight") if distill_weight is None
+               else np.full(group.num_tasks, distill_weight, np.float32))
 
     def loss(params, batch, rng):
       out = group.output_fn(params, batch, rng)
       per_example, metrics = task_loss(group.kind, out, batch)
-      if distill_temperature is not None and group.distill_weight:
+      task = batch[TASK_KEY] if group.task_names else None
+      if distill_temperature is not None and weights.any():
         kd = distill_per_example(group.kind, out, batch[TEACHER_KEY], distill_temperature)
-        per_example = per_example + group.distill_weight * kd
+        weight = weights[0] if task is None else jnp.asarray(weights)[task]
+        per_example = per_example + weight * kd
+      if task is not None:
+        for t, name in enumerate(group.task_names):
+          on = (task == t).astype(jnp.float32)
+          metrics.update({f"{m}@{name}": v * on for m, v in list(metrics.items())
+                          if "@" not in m})
+          metrics[f"loss@{name}"] = per_example * on
+          metrics[f"count@{name}"] = on
       return per_example, metrics
 
     return loss
 
-  def objective(self, g: int, rest: PyTree, distill_temperature: float | None = None):
-    loss = self.loss_fn(g, distill_temperature)
+  def task_losses(self, g: int, sums) -> jax.Array:
+    """[T] example mean of the loss per task of group g from metric sums (+inf without an
+    example of the task)."""
+    group = self.groups[g]
+    if not group.task_names:
+      return _mean_loss(sums)[None]
+    return jnp.stack([_mean_loss({"loss_sum": sums[f"loss@{t}_sum"],
+                                  "count": sums[f"count@{t}_sum"]}) for t in group.task_names])
+
+  def objective(self, g: int, rest: PyTree, distill_temperature: float | None = None,
+                distill_weight: float | None = None):
+    loss = self.loss_fn(g, distill_temperature, distill_weight)
 
     def objective(trainable, batch, mask, rng):
       return client_update.masked_loss(loss, roles_lib.merge(trainable, rest), batch, mask, rng)
@@ -408,7 +495,8 @@ def tap(groups: Sequence[TAPGroup], roles: PyTree, *, peak_lr: float = 3e-4,
     An `Algorithm` whose `init_clients(params, rows)` takes one row count per group and returns
     a tuple of `TAPClients`, and whose `round(server, clients, cohorts, rng)` takes one `Cohort`
     per group. Round metrics: per group ``<name>/global_loss``, ``<name>/personal_loss``,
-    ``<name>/replaced`` (fraction of its sampled clients whose personal model was replaced) and
+    ``<name>/replaced`` (fraction of its sampled clients whose personal model was replaced, in
+    part or whole; a multi-task group adds ``<name>/<task>/replaced`` and per-task metrics) and
     the personal model's task metrics; overall ``loss`` (personal, example mean over groups),
     ``replaced`` and ``num_nonfinite_clients``.
   """
@@ -438,7 +526,7 @@ def tap(groups: Sequence[TAPGroup], roles: PyTree, *, peak_lr: float = 3e-4,
         TAPClients(params=jax.tree_util.tree_map(
                        lambda x: jnp.array(clients_lib.broadcast(x, n)),
                        restrict(params, parts.trainable_view(g))),
-                   loss=jnp.full((n,), jnp.inf, jnp.float32))
+                   loss=jnp.full((n, groups[g].num_tasks), jnp.inf, jnp.float32))
         for g, n in enumerate(rows))
 
   def bytes_per_client(params: PyTree) -> tuple[int, int]:
@@ -462,11 +550,11 @@ def tap(groups: Sequence[TAPGroup], roles: PyTree, *, peak_lr: float = 3e-4,
       state, cohort = client_states[g], cohorts[g]
       ids = cohort.client_ids
       personal = execution.constrain(clients_lib.gather_rows(state.params, ids))
-      last_loss = jnp.take(state.loss, ids, mode="clip")
+      last_loss = jnp.take(state.loss, ids, axis=0, mode="clip")
       keys = jax.random.split(jax.random.fold_in(rng, g), cohort.num_clients)
 
-      def one_client(personal_k, last_k, data, mask, key, g=g, view=view, start=start,
-                     rest=rest, objective=objective):
+      def one_client(personal_k, last_k, data, mask, key, g=g, start=start, rest=rest,
+                     objective=objective):
         key_g, key_p = jax.random.split(key)
         held_out = data.get(VALIDATION_KEY)
         held_out = jnp.zeros_like(mask) if held_out is None else held_out.astype(mask.dtype)
@@ -474,18 +562,21 @@ def tap(groups: Sequence[TAPGroup], roles: PyTree, *, peak_lr: float = 3e-4,
         global_k, g_sums = client_update.train_steps(objective, optimizer, start, data, train_mask,
                                              key_g, execution.scan_unroll)
         if replacement == "none":
-          replaced = jnp.zeros((1,), bool)
+          replaced = jnp.zeros((groups[g].num_tasks,), bool)
         else:
           if replacement == "validation":
-            l_global = _mean_loss(parts.evaluate_sums(g, global_k, rest, data, val_mask))
-            l_personal = _mean_loss(parts.evaluate_sums(g, personal_k, rest, data, val_mask))
+            l_global = parts.task_losses(g, parts.evaluate_sums(g, global_k, rest, data,
+                                                                val_mask))
+            l_personal = parts.task_losses(g, parts.evaluate_sums(g, personal_k, rest, data,
+                                                                  val_mask))
           else:
-            l_global, l_personal = _mean_loss(g_sums), last_k
+            l_global, l_personal = parts.task_losses(g, g_sums), last_k
           personal_k, replaced = replace_if_better(
-              personal_k, global_k, l_personal[None], l_global[None], groups[g].delta, (view,))
+              personal_k, global_k, l_personal, l_global, groups[g].per_task("delta"),
+              parts.task_paths(g))
         personal_k, p_sums = client_update.train_steps(objective, optimizer, personal_k, data,
                                                train_mask, key_p, execution.scan_unroll)
-        return global_k, personal_k, _mean_loss(p_sums), replaced[0], g_sums, p_sums
+        return global_k, personal_k, parts.task_losses(g, p_sums), replaced, g_sums, p_sums
 
       global_new, personal_new, p_loss, replaced, g_sums, p_sums = execution.map(one_client)(
           personal, last_loss, cohort.data, cohort.mask, keys)
@@ -498,16 +589,22 @@ def tap(groups: Sequence[TAPGroup], roles: PyTree, *, peak_lr: float = 3e-4,
       new_states.append(clients_lib.scatter_rows(
           state, ids, TAPClients(params=personal_new, loss=p_loss), keep=ok))
 
-      p_metrics = aggregate.example_means(dict(p_sums), ok)
-      g_metrics = aggregate.example_means(dict(g_sums), ok)
+      p_metrics = split_task_metrics(aggregate.example_means(dict(p_sums), ok), group.task_names)
+      g_metrics = split_task_metrics(aggregate.example_means(dict(g_sums), ok), group.task_names)
       n_ok = jnp.maximum(jnp.sum(ok), 1)
-      metrics[f"{group.name}/global_loss"] = g_metrics["loss"]
+      metrics[f"{group.name}/global_loss"] = g_metrics.pop("loss")
       metrics[f"{group.name}/personal_loss"] = p_metrics.pop("loss")
+      for t in group.task_names:
+        metrics[f"{group.name}/{t}/global_loss"] = g_metrics[f"{t}/loss"]
+        metrics[f"{group.name}/{t}/personal_loss"] = p_metrics.pop(f"{t}/loss")
       metrics.update({f"{group.name}/{k}": v for k, v in p_metrics.items() if k != "examples"})
-      metrics[f"{group.name}/replaced"] = jnp.sum(replaced & ok) / n_ok
+      any_replaced = jnp.any(replaced, axis=1) & ok
+      metrics[f"{group.name}/replaced"] = jnp.sum(any_replaced) / n_ok
+      for t, name in enumerate(group.task_names):
+        metrics[f"{group.name}/{name}/replaced"] = jnp.sum(replaced[:, t] & ok) / n_ok
       totals["loss_sum"] += jnp.sum(jnp.where(ok, p_sums["loss_sum"], 0.0))
       totals["count"] += jnp.sum(jnp.where(ok, p_sums["count"], 0.0))
-      totals["replaced"] += jnp.sum(replaced & ok)
+      totals["replaced"] += jnp.sum(any_replaced)
       totals["clients"] += jnp.sum(ok)
       totals["bad"] += jnp.sum(real & ~ok)
 

@@ -17,21 +17,27 @@ import numpy as np
 from fedjax_fm import clients as clients_lib, evaluate as evaluate_lib, client_update
 from fedjax_fm.protocol import ClientExecution
 from fedjax_fm.algorithms.tap import (TEACHER_KEY, VALIDATION_KEY, GroupParts, PyTree, TAPGroup,
-                                      local_optimizer, restrict)
+                                      local_optimizer, restrict, split_task_metrics)
 from fedjax_fm.cohort import FederatedData, make_cohort
 
 
 def post_fl(groups: Sequence[TAPGroup], roles: PyTree, *, post_steps_lr: float = 1e-4,
             temperature: float = 1.0, weight_decay: float = 0.01, clip_norm: float = 1.0,
+            distill_sweep: Sequence[float] = (),
             execution: ClientExecution | None = None):
   """TAP's stage 2 (docs/algorithms.md 1.3): per client, fine-tune the server model restricted to
   it (no distillation; the teacher, and the FedAvg + fine-tuning baseline), then fine-tune the
   personal model with ``task + lambda_t * distill`` against that teacher.
 
+  `distill_sweep`: more students, one per lambda, each the same fine-tuning of the personal
+  model from the same keys with ``task + lambda * distill`` (lambda for every task, replacing
+  the groups' lambda_t), so a sweep of the distillation strength shares one stage 1.
+
   Returns:
-    ``stage2(server_params, g, personal [K, ...], data, mask, rng) -> (teacher, student)``,
-    both [K, ...] trees of group g's trainable leaves; `data` / `mask` are [K, steps, B, ...]
-    (the number of steps is the number of post-FL iterations).
+    ``stage2(server_params, g, personal [K, ...], data, mask, rng) -> (teacher, student,
+    swept)``, [K, ...] trees of group g's trainable leaves (`swept`: a tuple, one student per
+    `distill_sweep` entry); `data` / `mask` are [K, steps, B, ...] (the number of steps is the
+    number of post-FL iterations).
   """
   groups = tuple(groups)
   if not temperature > 0:
@@ -44,21 +50,25 @@ def post_fl(groups: Sequence[TAPGroup], roles: PyTree, *, post_steps_lr: float =
     start = restrict(server_params, parts.trainable_view(g))
     rest = restrict(server_params, parts.rest_mask(g))
     plain = parts.objective(g, rest)
-    with_kd = parts.objective(g, rest, temperature)
     keys = jax.random.split(rng, mask.shape[0])
+    # (lambda override or None for the groups' own, its objective); a zero lambda is plain.
+    students = [(None, parts.objective(g, rest, temperature)
+                 if groups[g].per_task("distill_weight").any() else plain)]
+    students += [(w, parts.objective(g, rest, temperature, w) if w else plain)
+                 for w in distill_sweep]
 
     def one_client(personal_k, data_k, mask_k, key):
       key_t, key_s = jax.random.split(key)
       teacher, _ = client_update.train_steps(plain, optimizer, start, data_k, mask_k, key_t,
                                      execution.scan_unroll)
-      if groups[g].distill_weight:
-        data_k = {**data_k, TEACHER_KEY: parts.outputs(g, teacher, rest, data_k)}
-        objective = with_kd
-      else:
-        objective = plain
-      student, _ = client_update.train_steps(objective, optimizer, personal_k, data_k, mask_k, key_s,
-                                     execution.scan_unroll)
-      return teacher, student
+      with_teacher = {**data_k, TEACHER_KEY: parts.outputs(g, teacher, rest, data_k)}
+      trained = []
+      for _, objective in students:
+        student, _ = client_update.train_steps(
+            objective, optimizer, personal_k, with_teacher if objective is not plain else data_k,
+            mask_k, key_s, execution.scan_unroll)
+        trained.append(student)
+      return teacher, trained[0], tuple(trained[1:])
 
     return execution.map(one_client)(personal, data, mask, keys)
 
@@ -68,10 +78,17 @@ def post_fl(groups: Sequence[TAPGroup], roles: PyTree, *, post_steps_lr: float =
 EVAL_MODES = ("global", "global_ft", "personal_fl", "personalized")
 
 
+def sweep_mode(distill_weight: float) -> str:
+  """The evaluation mode of the student distilled with lambda = `distill_weight` for every task
+  (`make_evaluator`'s `distill_sweep`)."""
+  return f"personalized_lambda{distill_weight:g}"
+
+
 def make_evaluator(groups: Sequence[TAPGroup], roles: PyTree,
                    train: Sequence[FederatedData], test: Sequence[FederatedData], *,
                    post_steps: int = 50, batch_size: int = 32, eval_batch_size: int = 64,
                    post_lr: float = 1e-4, temperature: float = 1.0, seed: int = 0,
+                   distill_sweep: Sequence[float] = (),
                    execution: ClientExecution | None = None,
                    compiler_options: Mapping[str, str] | None = None):
   """``evaluate(server_params, clients_tuple) -> metrics``: stage 2 for every client of every
@@ -85,6 +102,10 @@ def make_evaluator(groups: Sequence[TAPGroup], roles: PyTree,
   ``<mode>/<group>/per_client_<metric>`` [N_g] per-client means (the summary's per-client
   spread; a client without test examples reads 0).
 
+  `distill_sweep`: for each lambda, one more student (`post_fl`), reported as
+  `sweep_mode(lambda)` (``personalized_lambda<lambda>``). A multi-task group also reports
+  ``<mode>/<group>/<task>/<metric>`` over its test examples of each task.
+
   Stage 2 trains on every example of the client's training data (held-out validation examples
   included) for `post_steps` batches of `batch_size`, drawn with a fixed seed. The program is
   compiled once (first call), with `compiler_options` (XLA options) if given.
@@ -96,7 +117,10 @@ def make_evaluator(groups: Sequence[TAPGroup], roles: PyTree,
   if post_steps < 1:
     raise ValueError(f"post_steps must be >= 1, got {post_steps}")
   parts, stage2 = post_fl(groups, roles, post_steps_lr=post_lr, temperature=temperature,
-                          execution=execution)
+                          distill_sweep=distill_sweep, execution=execution)
+  modes = EVAL_MODES + tuple(sweep_mode(w) for w in distill_sweep)
+  if len(set(modes)) != len(modes):
+    raise ValueError(f"distill_sweep {tuple(distill_sweep)} repeats a value")
   strip = lambda c: {k: v for k, v in c.data.items() if k != VALIDATION_KEY}
   # The data and the key are arguments, not closed-over constants: XLA would fold them into the
   # program, and a seed baked into it would defeat the persistent compilation cache. Test
@@ -117,15 +141,16 @@ def make_evaluator(groups: Sequence[TAPGroup], roles: PyTree,
       n = train[g].num_clients
       personal = jax.tree_util.tree_map(lambda x: x[:n], client_states[g].params)
       start = clients_lib.broadcast(restrict(server_params, parts.trainable_view(g)), n)
-      teacher, student = stage2(server_params, g, personal, *post_data[g],
-                                jax.random.fold_in(key, g))
+      teacher, student, swept = stage2(server_params, g, personal, *post_data[g],
+                                       jax.random.fold_in(key, g))
       rest = restrict(server_params, parts.rest_mask(g))
       data, mask = test_data[g]
-      for mode, models in zip(EVAL_MODES, (start, teacher, personal, student)):
+      for mode, models in zip(modes, (start, teacher, personal, student, *swept)):
         sums = jax.vmap(lambda m, d, mk: parts.evaluate_sums(g, m, rest, d, mk))(
             models, data, mask)
-        out.update(evaluate_lib.metrics_from_sums(sums, f"{mode}/{group.name}"))
-    for mode in EVAL_MODES:
+        out.update(split_task_metrics(evaluate_lib.metrics_from_sums(sums, f"{mode}/{group.name}"),
+                                      group.task_names))
+    for mode in modes:
       means = {}
       for name, value in out.items():   # "<mode>/<group>/<metric>" -> the metric's group means
         path = name.split("/")

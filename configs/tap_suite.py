@@ -27,6 +27,18 @@ weights follow the reference (FLAVA): delta 0.005 for text classification and im
   python launch.py --config configs/tap_suite.py:pairs2 --workdir /tmp/runs/pairs2_s0
   python launch.py --config configs/tap_suite.py:pairs8 --workdir /tmp/runs/pairs8_s0
 
+Multi-task clients (``multitask``, combinable: ``configs/tap_suite.py:train_replacement,multitask``):
+the isolating set-up of RESULTS.md's TAP section (`benchmarks/tap_experiments.py`). Three tasks
+in two groups: digit classification on images (5 clients), and 4 multi-task text clients each
+holding a play-classification and a speaker-classification data set (``data.multitask``), so
+replacement decides per task and can swap one task's paths while keeping the other's. 40
+rounds, stage 2 with 50 steps, and a sweep of the distillation strength in the same evaluation
+(``distill_sweep``: every task's lambda set to 0, 0.01, 0.1, 1, 10; reported as
+``personalized_lambda<l>/...``). ``post10`` sets stage 2 back to 10 steps (the default's).
+``multitask,tiny`` is its CI size.
+
+  python launch.py --config configs/tap_suite.py:multitask --config.seed=0 --workdir /tmp/runs/mt
+
 Variants: ``tiny`` (2 pairs, image and text, 2 rounds: a smoke test), ``local`` (no
 replacement, no distillation: ``personal_fl`` is Local training; ``no_replacement`` runs the
 same round, so its ``personal_fl`` is Local training too), ``no_replacement``, ``no_distill``,
@@ -60,17 +72,30 @@ GROUPS = (
 DEFAULT_PAIRS = 6
 VARIANTS = ("", "tiny", "local", "no_replacement", "no_distill", "train_replacement", "pairs2",
             "pairs4", "pairs8")
+MODIFIERS = ("multitask", "post10")
+# The multi-task set-up: digit classification, then play + speaker classification on the same
+# text clients (one multi-task group).
+MULTITASK_GROUPS = (GROUPS[0], GROUPS[1], GROUPS[6])
+MULTITASK = (("shakespeare_classification", "shakespeare_speaker"),)
+DISTILL_SWEEP = (0.0, 0.01, 0.1, 1.0, 10.0)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  if (arg or "") not in VARIANTS:
-    raise ValueError(f"unknown variant {arg!r} of configs/tap_suite.py; use one of {VARIANTS}")
+  parts = [p for p in (arg or "").split(",") if p]
+  variants = [p for p in parts if p not in MODIFIERS]
+  if len(variants) > 1 or set(variants) - set(VARIANTS) or \
+      (set(parts) & set(MODIFIERS) and variants and variants[0] not in
+       ("tiny", "no_replacement", "no_distill", "train_replacement")):
+    raise ValueError(f"unknown variant {arg!r} of configs/tap_suite.py; use one of {VARIANTS}, "
+                     "or ',multitask' (and ',post10') with tiny, no_replacement, no_distill or "
+                     "train_replacement")
+  arg = variants[0] if variants else ""
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.rounds = 12
   c.data = ml_collections.ConfigDict(dict(
       name="tap_suite", empty_clients="error", max_length=16, validation_fraction=0.2,
-      groups=[dict(g) for g in GROUPS[:DEFAULT_PAIRS]]))
+      groups=[dict(g) for g in GROUPS[:DEFAULT_PAIRS]], multitask=[]))
   c.model = ml_collections.ConfigDict(dict(
       name="tap", fusion_layers=1, image_size=8, patch_size=2, num_channels=1,
       lora=dict(rank=4, alpha=8.0, targets=("q", "v")), expert_bottleneck=16, dropout=0.0))
@@ -86,7 +111,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                            "digit_denoising": 2e-3, "next_char": 2e-3,
                            "ink_segmentation": 2e-3, "digit_vqa": 2e-3,
                            "speaker_classification": 1.0, "image_text_matching": 2e-3},
-          temperature=1.0, post_steps=10, post_lr=5e-4, post_batch_size=16))))
+          temperature=1.0, post_steps=10, post_lr=5e-4, post_batch_size=16, distill_sweep=[]))))
   c.cohort_size = 2                     # clients sampled per group per round
   c.batch_size = 16
   c.local_steps = 4
@@ -99,7 +124,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mesh = (("clients", -1),)
   c.execution = ml_collections.ConfigDict(dict(strategy="vmap", chunk_size=8, scan_unroll=1))
   hp = c.algorithm.hparams
-  if arg == "tiny":
+  if "multitask" in parts:
+    c.data.groups = [dict(g) for g in MULTITASK_GROUPS]
+    c.data.multitask = [list(m) for m in MULTITASK]
+    c.rounds = c.eval_every = 40
+    hp.post_steps = 10 if "post10" in parts else 50
+    hp.distill_sweep = list(DISTILL_SWEEP)
+  if arg == "tiny" and "multitask" in parts:
+    c.data.groups = [dict(g, test_fraction=0.05) for g in c.data.groups]
+    c.rounds = c.eval_every = 2
+    c.batch_size = 4
+    c.local_steps = 1
+    hp.post_steps = 2
+    hp.post_batch_size = 4
+    hp.distill_sweep = [0.0]
+  elif arg == "tiny":
     # Two one-modality pairs (image, text), 5% of each client's examples held out: compiling
     # and running the evaluation (stage 2, then four models on every test example) is most of
     # a tiny run's time.

@@ -434,3 +434,93 @@ def test_stage2_evaluator():
     per_client = np.asarray(out["personalized/img_cls/per_client_loss"])
     assert per_client.shape == (3,) and np.all(np.isfinite(per_client))
     assert "personalized/accuracy" in out
+
+
+# ---- multi-task clients ----------------------------------------------------------------------
+
+
+def _multitask_toy():
+  """Two 4-class tasks ``a`` and ``b`` on one image encoder; a multi-task group of both (its
+  output is each example's own head) and a federation of 2 clients x 8 examples, tasks
+  alternating, the last 4 of each client (2 per task) held out."""
+  rng = np.random.default_rng(3)
+  r = lambda *shape: jnp.asarray(rng.normal(0, 0.5, shape), jnp.float32)
+  params = {"enc": r(16, 3), "heads": {"a": r(3, 4), "b": r(3, 4)}}
+  roles = jax.tree_util.tree_map(lambda _: roles_lib.SHARED, params)
+
+  def member(task):
+    def fn(p, batch, rng):
+      del rng
+      return jnp.tanh(batch["image"].reshape(batch["image"].shape[0], -1) @ p["enc"]) @ \
+          p["heads"][task]
+    view = {"enc": True, "heads": {"a": task == "a", "b": task == "b"}}
+    return tap_lib.TAPGroup(task, fn, "classification", view)
+
+  group = tap_launch.multitask_group("ab", [member("a"), member("b")])
+  clients = [{"image": rng.random((8, 4, 4, 1)).astype(np.float32),
+              "y": rng.integers(0, 4, 8).astype(np.int32),
+              tap_lib.TASK_KEY: np.tile([0, 1], 4).astype(np.int32),
+              tap_lib.VALIDATION_KEY: np.repeat([0.0, 1.0], 4).astype(np.float32)}
+             for _ in range(2)]
+  return params, roles, group, member, FederatedData.from_clients(clients)
+
+
+def test_multitask_group_selects_each_examples_head_and_splits_task_metrics():
+  params, _, group, member, fed = _multitask_toy()
+  batch = fed.client(0)
+  out = group.output_fn(params, batch, None)
+  on_a = batch[tap_lib.TASK_KEY] == 0
+  np.testing.assert_allclose(out[on_a], member("a").output_fn(params, batch, None)[on_a])
+  np.testing.assert_allclose(out[~on_a], member("b").output_fn(params, batch, None)[~on_a])
+  assert group.task_names == ("a", "b") and group.view["heads"] == {"a": True, "b": True}
+  # Means of m * [task t] and of [task t] -> the mean over task t; a task with no example -> 0.
+  split = tap_lib.split_task_metrics(
+      {"x/loss@a": 0.3, "x/count@a": 0.25, "x/loss@b": 0.0, "x/count@b": 0.0, "x/loss": 1.0},
+      ("a", "b"))
+  assert split == pytest.approx({"x/a/loss": 1.2, "x/b/loss": 0.0, "x/loss": 1.0})
+  with pytest.raises(ValueError, match="head kinds"):
+    tap_launch.multitask_group("bad", [member("a"), dataclasses.replace(member("b"),
+                                                                        kind="next_token")])
+
+
+def test_multitask_replacement_swaps_only_the_winning_tasks_paths():
+  """Margins -inf for task a (always replaced) and +inf for b (never), a learning rate too small
+  to move anything: the personal model (all zeros) takes the server's encoder (on a's paths)
+  and head a, and keeps its own head b."""
+  params, roles, group, _, fed = _multitask_toy()
+  group = dataclasses.replace(group, delta=(-1e9, 1e9))
+  alg = tap_lib.tap((group,), roles, peak_lr=1e-12, min_lr=1e-12, weight_decay=0.0,
+                    execution=ClientExecution(strategy="vmap"))
+  server = alg.init(params, jax.random.key(0))
+  (state,) = alg.init_clients(params, (2,))
+  assert state.loss.shape == (2, 2)
+  state = state.replace(params=jax.tree_util.tree_map(jnp.zeros_like, state.params))
+  cohort = make_cohort(fed, np.array([0, 1], np.int32), steps=STEPS, batch_size=4, seed=0,
+                       round_num=0)
+  _, (new,), metrics = fast_jit(alg.round)(server, (state,), (cohort,), jax.random.key(1))
+  assert float(metrics["ab/a/replaced"]) == 1.0 and float(metrics["ab/b/replaced"]) == 0.0
+  assert float(metrics["ab/replaced"]) == 1.0
+  for k in range(2):
+    np.testing.assert_allclose(new.params["enc"][k], params["enc"], atol=1e-6)
+    np.testing.assert_allclose(new.params["heads"]["a"][k], params["heads"]["a"], atol=1e-6)
+    np.testing.assert_allclose(new.params["heads"]["b"][k], 0.0, atol=1e-6)
+  # Per-task training losses of the personal model, one per task, finite.
+  assert np.isfinite(np.asarray(new.loss)).all()
+  assert {"ab/a/personal_loss", "ab/b/global_loss", "ab/a/accuracy"} <= set(metrics)
+
+
+def test_stage2_distill_sweep_reports_one_student_per_lambda():
+  """lambda 0 in the sweep is plain fine-tuning of the personal model; with the group's own
+  lambda also 0 the sweep's student equals TAP's."""
+  params, roles, group, _, fed = _multitask_toy()
+  group = dataclasses.replace(group, distill_weight=(0.0, 0.0))
+  alg = tap_lib.tap((group,), roles, execution=ClientExecution(strategy="vmap"))
+  evaluate = tap_post_fl.make_evaluator((group,), roles, (fed,), (fed,), post_steps=2,
+                                        batch_size=4, post_lr=0.05, distill_sweep=(0.0, 5.0),
+                                        compiler_options=FAST)
+  out = evaluate(params, alg.init_clients(params, (2,)))
+  np.testing.assert_allclose(out["personalized_lambda0/ab/loss"], out["personalized/ab/loss"],
+                             rtol=1e-6)
+  assert not np.isclose(out["personalized_lambda5/ab/loss"], out["personalized/ab/loss"],
+                        rtol=1e-6)
+  assert "personalized_lambda5/ab/b/accuracy" in out and "personalized_lambda5/loss" in out
