@@ -19,7 +19,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from feddat_experiments import ROOT, launch_and_keep  # pylint: disable=wrong-import-position
 
-VARIANTS = ("fedavg", "fedper", "ffgg", "byzantine_mean", "byzantine", "byzantine_trimmed")
+VARIANTS = ("fedavg", "fedper", "ffgg", "byzantine_mean", "byzantine", "byzantine_trimmed",
+            "median")
 SEEDS = (0, 1, 2)
 
 

@@ -13,6 +13,8 @@ Variants (`configs/ffgg_vqa.py:<variant>[,small][,tiny]`):
   byzantine  20% of the sampled clients (2 of 10) send flipped updates; median of buckets of 2;
   byzantine_mean  the same attack with the plain mean (no robust aggregation), for contrast;
   byzantine_trimmed  the same attack with the coordinate-wise trimmed mean (20% cut at each end);
+  median     no attack, median of buckets of 2: what the robust aggregator alone costs honest,
+             heterogeneous clients;
   fedavg     FedAvg: adapters, image tokens and one head, all averaged;
   fedper     FedPer: the same split as FFGG (personal heads), FedAvg on the rest.
 
@@ -31,9 +33,9 @@ import ml_collections
 
 from configs import _algorithms, feddat_vqa
 
-VARIANTS = ("ffgg", "async", "byzantine", "byzantine_mean", "byzantine_trimmed", "fedavg",
-            "fedper")
-AGGREGATOR = {"byzantine": "median", "byzantine_trimmed": "trimmed_mean"}
+VARIANTS = ("ffgg", "async", "byzantine", "byzantine_mean", "byzantine_trimmed", "median",
+            "fedavg", "fedper")
+AGGREGATOR = {"byzantine": "median", "byzantine_trimmed": "trimmed_mean", "median": "median"}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
