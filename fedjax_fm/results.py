@@ -63,9 +63,13 @@ def final_metrics(run: str) -> dict:
 
 def metric_value(run_summary: dict, metric: str, run: str | None = None) -> float | None:
   """`metric` of one run: a key of its summary's ``final`` record, ``group/<group>/<metric>``
-  (a per-group row), or ``gain/<k>/<metric>``: the last value of `metric`'s curve in the run's
+  (a per-group row), ``gain/<k>/<metric>``: the last value of `metric`'s curve in the run's
   metrics.jsonl minus its value k rounds earlier (how much the curve still rose at the end; needs
-  `run`, the run's folder). None if the run has no such value."""
+  `run`, the run's folder), or ``mean/<metric>``: the mean of that curve over all its rounds (a
+  rate per round, such as TAP's replacement rate). None if the run has no such value."""
+  if metric.startswith("mean/"):
+    values = curves(run, metric[len("mean/"):])[1]
+    return float(values.mean()) if values.size else None
   if metric.startswith("gain/"):
     _, k, name = metric.split("/", 2)
     rounds, values = curves(run, name)
@@ -182,9 +186,33 @@ def _feddat_rows(lr: str) -> tuple[tuple[str, str], ...]:
 _FFGG = (("FFGG (Local FFGG)", "results/ffgg/ffgg_s*"), ("FedAvg", "results/ffgg/fedavg_s*"),
          ("FedPer", "results/ffgg/fedper_s*"))
 _FFGG_ATTACK = (("no attack, mean", "results/ffgg/ffgg_s*"),
+                ("no attack, median of buckets", "results/ffgg/median_s*"),
                 ("20% flip, plain mean", "results/ffgg/byzantine_mean_s*"),
                 ("20% flip, median of buckets", "results/ffgg/byzantine_s*"),
                 ("20% flip, trimmed mean (20%)", "results/ffgg/byzantine_trimmed_s*"))
+_TAP_MT = "shakespeare_classification+shakespeare_speaker"   # the multi-task text clients' group
+_TAP_TASKS = {"digits": "digits_classification", "play": f"{_TAP_MT}/shakespeare_classification",
+              "speaker": f"{_TAP_MT}/shakespeare_speaker"}
+_TAP_RULES = (("TAP, validation-loss replacement", "results/tap/tap_s*"),
+              ("TAP, training-loss replacement (reference)", "results/tap/train_replacement_s*"),
+              ("TAP w/o replacement (personal after FL = Local)", "results/tap/no_replacement_s*"))
+_TAP_STEPS = (("stage 2: 50 steps", "results/tap/tap_s*"),
+              ("stage 2: 10 steps", "results/tap/post10_s*"))
+
+
+def _tap_modes(task: str) -> tuple[tuple[str, str], ...]:
+  g = _TAP_TASKS[task]
+  return ((f"global/{g}/accuracy", "FedAvg"), (f"global_ft/{g}/accuracy", "FedAvg + FT"),
+          (f"personal_fl/{g}/accuracy", "personal after FL"),
+          (f"personalized/{g}/accuracy", "after stage 2 (TAP)"),
+          (f"gain/10/train/{g}/global_loss", "global-path train loss, change over last 10 rounds"))
+
+
+def _tap_sweep(prefix: str = "", metric: str = "accuracy") -> tuple[tuple[str, str], ...]:
+  return ((f"personal_fl/{prefix}{metric}", "before stage 2"),
+          *((f"personalized_lambda{w}/{prefix}{metric}", f"λ={w}")
+            for w in ("0", "0.01", "0.1", "1", "10")),
+          (f"personalized/{prefix}{metric}", "λ of the reference"))
 
 TABLES = (
     Table("feddat_lr1e-3", _feddat_rows("1e-3"), plot="results/feddat_small_lr1e-3.png"),
@@ -195,6 +223,16 @@ TABLES = (
     Table("ffgg_small_families", _FFGG, _per_family()),
     Table("ffgg_attack", _FFGG_ATTACK, plot="results/ffgg_attack.png",
           plot_metrics=("personalized/accuracy",)),
+    Table("tap_digits", _TAP_RULES, _tap_modes("digits"), plot="results/tap_multitask.png",
+          plot_metrics=tuple(f"train/{g}/global_loss" for g in _TAP_TASKS.values())),
+    Table("tap_play", _TAP_RULES, _tap_modes("play")),
+    Table("tap_speaker", _TAP_RULES, _tap_modes("speaker")),
+    Table("tap_replacement", _TAP_RULES[:2], tuple(
+        (f"mean/train/{g}/replaced", f"{task}") for task, g in _TAP_TASKS.items()) + (
+        (f"mean/train/{_TAP_MT}/replaced", "text client, either task"),), digits=2),
+    Table("tap_distill_sweep", _TAP_STEPS, _tap_sweep()),
+    Table("tap_distill_sweep_speaker", _TAP_STEPS, _tap_sweep(f"{_TAP_TASKS['speaker']}/")),
+    Table("tap_distill_sweep_loss", _TAP_STEPS, _tap_sweep(metric="loss")),
 )
 
 
