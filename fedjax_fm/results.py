@@ -190,6 +190,33 @@ _FFGG_ATTACK = (("no attack, mean", "results/ffgg/ffgg_s*"),
                 ("20% flip, plain mean", "results/ffgg/byzantine_mean_s*"),
                 ("20% flip, median of buckets", "results/ffgg/byzantine_s*"),
                 ("20% flip, trimmed mean (20%)", "results/ffgg/byzantine_trimmed_s*"))
+_FEDBONE = (("FedBone (PCGrad)", "results/fedbone/fedbone_s*"),
+            ("Averaging", "results/fedbone/fedbone_average_s*"),
+            ("Local (general model fixed)", "results/fedbone/fedbone_local_s*"))
+_FEDBONE_COLUMNS = (
+    ("personalized/digits_classification/accuracy", "digits acc"),
+    ("personalized/digits_segmentation/iou", "ink IoU"),
+    ("personalized/shakespeare_classification/accuracy", "play acc"),
+    ("gain/48/personalized/digits_classification/accuracy", "digits acc gain, last 48 rounds"),
+    ("gain/48/personalized/digits_segmentation/iou", "ink IoU gain, last 48 rounds"))
+_FEDPFT_METHODS = {
+    "full": "FedAvg-LoRA (full FM)", "fedpft": "FedPFT (384 of 1536 FFN neurons)",
+    "fedot": "FedOT-like (sub-FM, no alignment)",
+    "no_layer_align": "FedPFT w/o layer-level alignment",
+    "no_neuron_align": "FedPFT w/o neuron-level alignment",
+    "keep192": "FedPFT, 192 of 1536 FFN neurons", "keep768": "FedPFT, 768 of 1536 FFN neurons"}
+_fedpft_rows = lambda *names: tuple((_FEDPFT_METHODS[n], f"results/fedpft/{n}_s*") for n in names)
+_FEDPFT = _fedpft_rows("full", "fedpft", "fedot", "no_layer_align", "no_neuron_align")
+_FEDPFT_ALIGNED = _fedpft_rows("fedpft", "no_layer_align", "no_neuron_align", "keep192", "keep768")
+_FEDPFT_SIZES = _fedpft_rows("keep192", "fedpft", "keep768", "full")
+_FEDPFT_COLUMNS = (("personalized/accuracy", "full-FM test acc"),
+                   ("train/accuracy", "clients' train acc (last round)"),
+                   ("gain/8/personalized/accuracy", "test acc gain, last 8 rounds"))
+_FEDPFT_ALIGNMENT = (
+    ("train/layer_align_loss_start", "layer-level loss, first step"),
+    ("train/layer_align_loss_end", "layer-level loss, last step"),
+    ("train/neuron_align_loss_start", "neuron-level loss, first step (last round)"),
+    ("train/neuron_align_loss_end", "neuron-level loss, last step (last round)"))
 _TAP_MT = "shakespeare_classification+shakespeare_speaker"   # the multi-task text clients' group
 _TAP_TASKS = {"digits": "digits_classification", "play": f"{_TAP_MT}/shakespeare_classification",
               "speaker": f"{_TAP_MT}/shakespeare_speaker"}
@@ -223,6 +250,12 @@ TABLES = (
     Table("ffgg_small_families", _FFGG, _per_family()),
     Table("ffgg_attack", _FFGG_ATTACK, plot="results/ffgg_attack.png",
           plot_metrics=("personalized/accuracy",)),
+    Table("fedbone_long", _FEDBONE, _FEDBONE_COLUMNS, plot="results/fedbone.png",
+          plot_metrics=tuple(m for m, _ in _FEDBONE_COLUMNS[:3]) + ("train/conflict_fraction",)),
+    Table("fedpft_small", _FEDPFT, _FEDPFT_COLUMNS, plot="results/fedpft_small.png",
+          plot_metrics=("personalized/accuracy", "train/accuracy")),
+    Table("fedpft_alignment", _FEDPFT_ALIGNED, _FEDPFT_ALIGNMENT, digits=4),
+    Table("fedpft_sizes", _FEDPFT_SIZES, _FEDPFT_COLUMNS),
     Table("tap_digits", _TAP_RULES, _tap_modes("digits"), plot="results/tap_multitask.png",
           plot_metrics=tuple(f"train/{g}/global_loss" for g in _TAP_TASKS.values())),
     Table("tap_play", _TAP_RULES, _tap_modes("play")),

@@ -34,3 +34,18 @@ def test_fedbone_needs_its_split_model(tmp_path):
                                        "config.model.name='fedbone'"):
     tiny.run(config, str(tmp_path / "run"), progress=False)
   assert not (tmp_path / "run").exists()
+
+
+def test_results_sweep_runs_fedbone_and_its_two_baselines_on_the_long_variant():
+  """benchmarks/fedbone_experiments.py's methods are the launcher's FedBone variants, and its
+  `long` config has more server steps than the default and differs from it only in the rounds,
+  the evaluations, the general model's depth and the iterations per round."""
+  from benchmarks import fedbone_experiments
+  assert {fedbone_launch.ALGORITHMS[m] for m in fedbone_experiments.METHODS} == \
+      {"fedbone", "average", "local"}
+  long, default = (tiny.config("fedbone_multitask", v) for v in ("long", None))
+  assert long.rounds >= 4 * default.rounds and long.rounds % long.eval_every == 0
+  for key in ("rounds", "eval_every", "local_steps"):
+    long[key] = default[key]
+  long.model.num_layers = default.model.num_layers
+  assert long.to_dict() == default.to_dict()

@@ -32,3 +32,32 @@ def test_unknown_variant_is_refused(tmp_path):
   with pytest.raises(ValueError, match=r"unknown fedpft variant 'half'"):
     tiny.run(config, str(tmp_path / "run"), progress=False)
   assert not (tmp_path / "run").exists()
+
+
+def test_results_sweep_overrides_name_real_hparams_and_ablate_one_alignment_each():
+  """benchmarks/fedpft_experiments.py: every override names a key of the `small` config, and
+  each ablation switches off exactly the alignment it names."""
+  from benchmarks import fedpft_experiments
+  small = tiny.config("fedpft_text", "small")
+
+  def with_overrides(method):
+    c = tiny.config("fedpft_text", "small")
+    for flag in fedpft_experiments.METHODS[method]:
+      path, value = flag.removeprefix("--config.").split("=")
+      *parents, leaf = path.split(".")
+      node = c
+      for p in parents:
+        node = node[p]
+      assert leaf in node, flag
+      node[leaf] = type(node[leaf])(value)
+    return c.algorithm.hparams
+
+  assert small.model.num_layers == 4 and small.data.partition.kind == "iid"
+  base = with_overrides("fedpft")
+  assert base.layer_align_steps > 0 and base.align_every > 0 and base.variant == "fedpft"
+  no_layer, no_neuron = with_overrides("no_layer_align"), with_overrides("no_neuron_align")
+  assert (no_layer.layer_align_steps, no_layer.align_every) == (0, base.align_every)
+  assert (no_neuron.layer_align_steps, no_neuron.align_every) == (base.layer_align_steps, 0)
+  assert [with_overrides(m).keep_neurons for m in ("keep192", "fedpft", "keep768")] == \
+      [192, 384, 768]
+  assert {with_overrides(m).variant for m in ("full", "fedot")} == {"full", "fedot"}
