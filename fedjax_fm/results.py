@@ -198,7 +198,8 @@ _FEDBONE_COLUMNS = (
     ("personalized/digits_segmentation/iou", "ink IoU"),
     ("personalized/shakespeare_classification/accuracy", "play acc"),
     ("gain/48/personalized/digits_classification/accuracy", "digits acc gain, last 48 rounds"),
-    ("gain/48/personalized/digits_segmentation/iou", "ink IoU gain, last 48 rounds"))
+    ("gain/48/personalized/digits_segmentation/iou", "ink IoU gain, last 48 rounds"),
+    ("mean/train/conflict_fraction", "conflicting pairs, mean over rounds"))
 _FEDPFT_METHODS = {
     "full": "FedAvg-LoRA (full FM)", "fedpft": "FedPFT (384 of 1536 FFN neurons)",
     "fedot": "FedOT-like (sub-FM, no alignment)",
