@@ -4,6 +4,7 @@ model, stage 1 and the stage-2 evaluator run end to end; the suite's helpers by 
 import os
 
 import numpy as np
+import pytest
 
 from tests import tiny
 from fedjax_fm import assets
@@ -35,3 +36,16 @@ def test_validation_flags_and_character_table():
   # Upper and lower case read as the same uncased wordpiece as the tokenizer gives "a", "b".
   np.testing.assert_array_equal(ids, tok.encode(["a b"])["input_ids"][0, 1:3])
   assert table[text_lib.PAD_ID] == 0
+
+
+def test_merge_clients_keeps_each_clients_examples_and_tags_their_task():
+  a = FederatedData.from_clients([{"y": np.array([1, 2])}, {"y": np.array([3])}])
+  b = FederatedData.from_clients([{"y": np.array([7])}, {"y": np.array([8, 9])}])
+  merged = tap_launch.merge_clients([a, b])
+  assert merged.num_clients == 2
+  np.testing.assert_array_equal(merged.client(0)["y"], [1, 2, 7])
+  np.testing.assert_array_equal(merged.client(0)[tap_lib.TASK_KEY], [0, 0, 1])
+  np.testing.assert_array_equal(merged.client(1)["y"], [3, 8, 9])
+  np.testing.assert_array_equal(merged.client(1)[tap_lib.TASK_KEY], [0, 1, 1])
+  with pytest.raises(ValueError, match="equal client counts"):
+    tap_launch.merge_clients([a, FederatedData.from_clients([{"y": np.array([1])}])])
